@@ -1,0 +1,411 @@
+"""The one shared module: loading, prompt encoding, DDIM sampling, the erased-model format, CLI.
+
+Every method file imports only this.  Conventions used throughout:
+- `pipe` is a diffusers StableDiffusionPipeline holding the *frozen original* components; a
+  method trains a copy (`copy.deepcopy(pipe.unet)` or of `pipe.text_encoder`).
+- Latents start from one CPU generator per seed, so an image depends on its seed only (not on the
+  batch it was drawn in, nor on the device).
+- An erased model is a folder: `erased.safetensors` (changed tensors only, keys prefixed `unet.` or
+  `text_encoder.`), `config.json` and `samples.png`.
+"""
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+TOY_DIR = HERE / "assets" / "toy"
+SD14 = "CompVis/stable-diffusion-v1-4"
+TOY_SAMPLING = {"steps": 25, "guidance": 5.0}
+SD_SAMPLING = {"steps": 50, "guidance": 7.5}
+FORMAT = "concept-erasure/1"
+
+
+def die(message: str):
+    """Stop with one sentence for the user instead of a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# @dataclass Args -> command line (the docstring under each field is its --help text)
+# ---------------------------------------------------------------------------------------------
+def field_docs(cls) -> dict:
+    tree = ast.parse(inspect.getsource(cls).lstrip())
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def parse_args(cls, argv=None, toy_defaults: dict | None = None):
+    """Parse argv into `cls`; when --model is 'toy', `toy_defaults` replace defaults not given."""
+    import argparse
+
+    toy_defaults, docs = toy_defaults or {}, field_docs(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, required = hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = docs.get(f.name, "") + (" (required)" if required else f" (default: {default}" + (
+            f"; toy: {toy_defaults[f.name]})" if f.name in toy_defaults else ")"))
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
+            continue
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is list:
+            parser.add_argument(f"--{f.name}", type=args[0], nargs="*", default=argparse.SUPPRESS, help=help_text)
+        else:
+            base = next((a for a in args if a is not type(None)), kind)  # Optional[X] -> X
+            parser.add_argument(f"--{f.name}", type=base, default=argparse.SUPPRESS, help=help_text, required=required)
+    given = vars(parser.parse_args(argv))
+    toy = given.get("model", getattr(cls, "model", None)) == "toy"
+    return cls(**{**(toy_defaults if toy else {}), **given})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dtype=torch.float32):
+    """An SD v1.x pipeline (hub id or local path) or the miniature model ('toy'), frozen, with a
+    DDIM scheduler; `erased` is an erased-model folder to apply on top."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    path = str(TOY_DIR) if model == "toy" else model
+    if Path(path).exists() and not (Path(path) / "model_index.json").exists():
+        die(f"'{model}' is a folder but not a diffusers pipeline (no model_index.json).")
+    diffusers_logging.set_verbosity_error()
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+    try:  # the local cache first, so that a downloaded model loads with no network at all
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        except Exception as exc:
+            die(f"could not load '{model}' ({type(exc).__name__}); with no network, download the pipeline "
+                f"elsewhere and pass its local folder: --model /path/to/stable-diffusion-v1-4")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.eval().requires_grad_(False)
+    pipe.base_model = "toy" if Path(path).resolve() == TOY_DIR else model
+    if erased is not None:
+        load_erased(pipe, erased)
+    return pipe.to(device or default_device())
+
+
+def sampling_defaults(pipe) -> dict:
+    return TOY_SAMPLING if pipe.base_model == "toy" else SD_SAMPLING
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(pipe.device)
+
+
+def encode(pipe, prompts: list[str], text_encoder=None) -> torch.Tensor:
+    """Per-token hidden states [B, L, D], the U-Net's context (differentiable if the encoder is)."""
+    return (text_encoder or pipe.text_encoder)(tokenize(pipe, prompts))[0]
+
+
+def text_forward(text_encoder, token_embeds: torch.Tensor) -> torch.Tensor:
+    """The CLIP text transformer on token embeddings [B, L, D] instead of ids (for soft prompts):
+    adds position embeddings, runs the layers with the causal mask, applies the final layer norm."""
+    tm = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the wrapper
+    hidden = tm.embeddings(inputs_embeds=token_embeds)
+    n = hidden.shape[1]
+    causal = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
+    hidden = tm.encoder(inputs_embeds=hidden, attention_mask=causal.to(hidden.dtype)).last_hidden_state
+    return tm.final_layer_norm(hidden)
+
+
+def eos_index(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """Position of the first end-of-text token in each row (CLIP's pooled position)."""
+    return (ids == pipe.tokenizer.eos_token_id).int().argmax(-1)
+
+
+def pooled_features(pipe, prompts: list[str], text_encoder=None) -> torch.Tensor:
+    """The end-of-text token's final hidden state [B, D] (CLIP's pooled text feature)."""
+    ids = tokenize(pipe, prompts)
+    hidden = (text_encoder or pipe.text_encoder)(ids)[0]
+    return hidden[torch.arange(len(ids), device=ids.device), eos_index(pipe, ids)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (DDIM, eta = 0, classifier-free guidance)
+# ---------------------------------------------------------------------------------------------
+def predict_noise(unet, latents, t, cond, uncond=None, guidance: float = 1.0) -> torch.Tensor:
+    """eps = eps(uncond) + guidance * (eps(cond) - eps(uncond)); conditional only if uncond is None."""
+    if uncond is None:
+        return unet(latents, t, encoder_hidden_states=cond).sample
+    eps_uncond, eps_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
+    size = pipe.unet.config.sample_size
+    shape = (pipe.unet.config.in_channels, size, size)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(pipe.device, pipe.unet.dtype)
+
+
+def ddim_timesteps(pipe, steps: int) -> torch.Tensor:
+    pipe.scheduler.set_timesteps(steps)
+    return pipe.scheduler.timesteps.clone()
+
+
+def denoise(pipe, latents, cond, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None, unet=None):
+    """Run DDIM steps [start, stop) of a `steps`-step schedule from `latents`."""
+    for t in ddim_timesteps(pipe, steps)[start:stop]:
+        eps = predict_noise(unet or pipe.unet, latents, t, cond, uncond, guidance)
+        latents = pipe.scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def sample_until(pipe, cond, uncond, seeds: list[int], steps: int, stop: int, guidance: float, unet=None):
+    """x_t after the first `stop` of `steps` DDIM steps (ESD's "generate until t"), and the DDPM
+    timestep that x_t is at (the timestep the U-Net should be queried with)."""
+    latents = denoise(pipe, initial_latents(pipe, seeds), cond, uncond, steps, guidance, 0, stop, unet)
+    return latents, int(ddim_timesteps(pipe, steps)[stop])
+
+
+def decode(pipe, latents) -> list[Image.Image]:
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(im) for im in images]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
+             unet=None, text_encoder=None, embeds=None, batch_size: int = 32, progress: bool = True, desc: str = "generate"):
+    """Images for prompts (or for precomputed context `embeds` [B, L, D]), one seed each."""
+    steps = steps or sampling_defaults(pipe)["steps"]
+    guidance = sampling_defaults(pipe)["guidance"] if guidance is None else guidance
+    uncond_one = encode(pipe, [""], text_encoder)
+    images = []
+    for i in tqdm(range(0, len(seeds), batch_size), desc=desc, disable=not progress, leave=False):
+        n = len(seeds[i:i + batch_size])
+        cond = embeds[i:i + n] if embeds is not None else encode(pipe, prompts[i:i + n], text_encoder)
+        latents = denoise(pipe, initial_latents(pipe, seeds[i:i + n]), cond, uncond_one.expand(n, -1, -1),
+                          steps, guidance, unet=unet)
+        images += decode(pipe, latents)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+def attn2_projections(unet, kinds=("to_k", "to_v")) -> list[tuple[str, torch.nn.Linear]]:
+    """The cross-attention (attn2) projections of the U-Net, by full module name."""
+    return [(name, module) for name, module in unet.named_modules()
+            if ".attn2." in f".{name}" and name.split(".")[-1] in kinds and isinstance(module, torch.nn.Linear)]
+
+
+def set_trainable(module: torch.nn.Module, predicate) -> list[str]:
+    """Freeze every parameter, then unfreeze those whose name satisfies predicate(name)."""
+    names = []
+    for name, param in module.named_parameters():
+        param.requires_grad_(bool(predicate(name)))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def trainable_copy(module: torch.nn.Module, predicate) -> torch.nn.Module:
+    clone = copy.deepcopy(module)
+    if not set_trainable(clone, predicate):
+        die("no parameter matches the training selection.")
+    return clone.train()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; otherwise the process's peak resident memory."""
+    if str(device).startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, scale: int = 1) -> Image.Image:
+    """Rows of equally sized images, with an optional label left of each row."""
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    pad = 8 * max(len(s) for s in labels) + 6 if labels else 0
+    grid = Image.new("RGB", (pad + w * max(map(len, rows)), h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im.resize((w, h), Image.NEAREST), (pad + c * w, r * h))
+        if labels:
+            draw.text((3, r * h + h // 2 - 5), labels[r], fill="black")
+    return grid
+
+
+def before_after(pipe, prompts: list[str], seeds: list[int], unet=None, text_encoder=None) -> Image.Image:
+    """Original row above erased row, same prompts and seeds."""
+    scale = max(1, 96 // pipe.unet.config.sample_size // 4)
+    rows = [generate(pipe, prompts, seeds, progress=False),
+            generate(pipe, prompts, seeds, unet=unet, text_encoder=text_encoder, progress=False)]
+    return image_grid(rows, ["original", "erased"], scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The erased-model format
+# ---------------------------------------------------------------------------------------------
+def changed_tensors(prefix: str, trained: torch.nn.Module, original: torch.nn.Module) -> dict:
+    """Parameters of `trained` that differ from `original`, keyed '<prefix>.<name>'."""
+    reference = dict(original.named_parameters())
+    return {f"{prefix}.{name}": p.detach().cpu().contiguous() for name, p in trained.named_parameters()
+            if not torch.equal(p.detach(), reference[name].detach())}
+
+
+def atomic_save_dir(out: Path, write) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to `out` in one rename (replacing an older `out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_erased(out_dir, tensors: dict, method: str, args, base_model: str, seconds: float, samples=None, extra=None):
+    """Write an erased model atomically; refuse to write into a pipeline or over foreign files."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).resolve()
+    if (out / "model_index.json").exists() or out == TOY_DIR or TOY_DIR in out.parents or (
+            Path(base_model).exists() and Path(base_model).resolve() in [out, *out.parents]):
+        die(f"refusing to write into the base model's folder {out}; choose another --output.")
+    if out.exists() and any(out.iterdir()) and not (out / "erased.safetensors").exists():
+        die(f"{out} exists and is not an erased model; choose another --output.")
+    if not tensors:
+        die("the method changed no tensor; nothing to save.")
+    import diffusers
+    import transformers
+
+    config = {"format": FORMAT, "method": method, "base_model": base_model, "seconds": round(seconds, 2),
+              "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
+              "changed_tensors": len(tensors), "versions": {
+                  "python": platform.python_version(), "torch": torch.__version__,
+                  "diffusers": diffusers.__version__, "transformers": transformers.__version__}, **(extra or {})}
+
+    def write(tmp):
+        save_file(tensors, tmp / "erased.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if samples is not None:
+            samples.save(tmp / "samples.png")
+
+    return atomic_save_dir(out, write)
+
+
+def read_erased_config(folder) -> dict:
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        assert config.get("format") == FORMAT and (folder / "erased.safetensors").exists()
+    except Exception:
+        die(f"{folder} is not an erased model (expected erased.safetensors and config.json from a method script).")
+    return config
+
+
+def load_erased(pipe, folder) -> dict:
+    """Apply an erased model's tensors onto `pipe` (same base model only)."""
+    from safetensors.torch import load_file
+
+    config = read_erased_config(folder)
+    if config["base_model"] != pipe.base_model:
+        die(f"{folder} was erased from '{config['base_model']}', not from '{pipe.base_model}'; pass --model "
+            f"{config['base_model']}.")
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    with torch.no_grad():
+        for key, value in load_file(Path(folder) / "erased.safetensors").items():
+            part, name = key.split(".", 1)
+            param = dict(parts[part].named_parameters())[name]
+            param.copy_(value.to(param.device, param.dtype))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# `python common.py`: draw images from the original model or an erased one
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SampleArgs:
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["a red circle", "a blue square", "a green star"])
+    """prompts to draw, one column each"""
+    model: str = "toy"
+    """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
+    erased: str | None = None
+    """an erased-model folder; its row is drawn under the original's, same seeds"""
+    seeds: int = 4
+    """seeds per prompt (rows)"""
+    steps: int | None = None
+    """DDIM steps (default: 25 toy, 50 SD)"""
+    guidance: float | None = None
+    """classifier-free guidance scale (default: 5 toy, 7.5 SD)"""
+    output: str = "outputs/samples.png"
+    """where the PNG grid is written"""
+
+
+def main(argv=None):
+    args = parse_args(SampleArgs, argv)
+    pipe = load_pipeline(args.model)
+    seeds = [s for s in range(args.seeds) for _ in args.prompts]
+    prompts = args.prompts * args.seeds
+    rows, labels = [], []
+    for tag, erased in [("original", None), ("erased", args.erased)]:
+        if tag == "erased" and erased is None:
+            break
+        if erased:
+            load_erased(pipe, erased)
+        images = generate(pipe, prompts, seeds, args.steps, args.guidance)
+        rows += [images[i:i + len(args.prompts)] for i in range(0, len(images), len(args.prompts))]
+        labels += [f"{tag} s{s}" for s in range(args.seeds)]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, labels, scale=max(1, 128 // rows[0][0].size[0])).save(args.output)
+    print(f"wrote {args.output}: columns {args.prompts}")
+
+
+if __name__ == "__main__":
+    main()
