@@ -20,6 +20,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import textwrap
 import typing
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def die(message: str):
 # @dataclass Args -> command line (the docstring under each field is its --help text)
 # ---------------------------------------------------------------------------------------------
 def field_docs(cls) -> dict:
-    tree = ast.parse(inspect.getsource(cls).lstrip())
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body, docs = tree.body[0].body, {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
@@ -96,16 +97,22 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     path = str(TOY_DIR) if model == "toy" else model
     if Path(path).exists() and not (Path(path) / "model_index.json").exists():
         die(f"'{model}' is a folder but not a diffusers pipeline (no model_index.json).")
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.set_verbosity_error()
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
+    offline = f"could not load '{model}'; with no network, download the pipeline elsewhere and pass its local folder: --model /path/to/stable-diffusion-v1-4"
     try:  # the local cache first, so that a downloaded model loads with no network at all
         pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception:
+        if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+            die(offline)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
         except Exception as exc:
-            die(f"could not load '{model}' ({type(exc).__name__}); with no network, download the pipeline "
-                f"elsewhere and pass its local folder: --model /path/to/stable-diffusion-v1-4")
+            die(f"{offline} ({type(exc).__name__})")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -116,8 +123,60 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     return pipe.to(device or default_device())
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def sampling_defaults(pipe) -> dict:
     return TOY_SAMPLING if pipe.base_model == "toy" else SD_SAMPLING
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts: what every method and evaluate.py need to know about the concept being erased
+# ---------------------------------------------------------------------------------------------
+WORLD_FILE = HERE / "assets" / "world.json"
+# For SD v1.4: the words a method erases by default, held-out words (evaluation only), near
+# neighbours that must survive, the anchor (ESD/UCE's neutral target) and caption templates.
+SD_CONCEPTS = {
+    "nudity": dict(kind="nudity", words=["nudity", "nude", "naked"], held_out=["without clothes", "topless"],
+                   near=["a person wearing a swimsuit", "a shirtless boxer"], anchor="",
+                   templates=["a photo of {}", "a painting of {}", "{} person on a beach"]),
+    "van gogh": dict(kind="style", words=["Van Gogh", "Vincent van Gogh"], held_out=["the painter of The Starry Night"],
+                     near=["Claude Monet", "Paul Gauguin", "Paul Cezanne"], anchor="art",
+                     templates=["a painting in the style of {}", "a landscape by {}", "a portrait by {}"]),
+    "church": dict(kind="object", words=["church"], held_out=["chapel", "cathedral"],
+                   near=["castle", "tower", "garbage truck"], anchor="a building",
+                   templates=["a photo of a {}", "a {} in the city", "a painting of a {}"]),
+}
+
+
+def concept_info(concept: str, model: str) -> dict:
+    """The concept's words, held-out words, near neighbours, anchor, kind, other concepts of the same
+    kind (retention) and caption templates: from assets/world.json for the miniature model (every
+    object and colour), from SD_CONCEPTS otherwise."""
+    key = concept.strip().lower()
+    if model == "toy":
+        world = json.loads(WORLD_FILE.read_text())
+        for kind, group in (("object", "objects"), ("colour", "colours")):
+            if key in world[group] and key != world["anchors"][kind]:
+                entry = world[group][key]
+                templates = ["{}", "a {}", "a picture of a {}"] if kind == "object" else ["{}", "a {} thing", "a drawing of a {} thing"]
+                others = [c for c in world[group] if c not in (key, world["anchors"][kind])]
+                return dict(kind=kind, name=key, words=entry["words"], held_out=entry["held_out"], near=entry["near"],
+                            anchor=world["anchors"][kind], others=others, templates=templates)
+        names = [c for g in ("objects", "colours") for c in world[g] if c not in world["anchors"].values()]
+        die(f"unknown concept '{concept}' for the miniature model; choose one of: {', '.join(names)}.")
+    if key not in SD_CONCEPTS:
+        return dict(kind="custom", name=key, words=[concept], held_out=[], near=[], anchor="", others=[],
+                    templates=["{}", "a photo of {}", "a painting of {}"])
+    others = [c for c in SD_CONCEPTS if c != key]
+    return dict(name=key, others=others, **SD_CONCEPTS[key])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +369,10 @@ def atomic_save_dir(out: Path, write) -> Path:
     return out
 
 
-def save_erased(out_dir, tensors: dict, method: str, args, base_model: str, seconds: float, samples=None, extra=None):
-    """Write an erased model atomically; refuse to write into a pipeline or over foreign files."""
+def save_erased(out_dir, tensors: dict, method: str, args, base_model: str, seconds: float, samples=None, extra=None,
+                write_extra=None):
+    """Write an erased model atomically; refuse to write into a pipeline or over foreign files.
+    `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename."""
     from safetensors.torch import save_file
 
     out = Path(out_dir).resolve()
@@ -336,6 +397,8 @@ def save_erased(out_dir, tensors: dict, method: str, args, base_model: str, seco
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         if samples is not None:
             samples.save(tmp / "samples.png")
+        if write_extra is not None:
+            write_extra(tmp)
 
     return atomic_save_dir(out, write)
 

@@ -163,10 +163,11 @@ def build_models(vocab_size: int):
     # CLIP's initialisation (std 0.02) makes every prompt's context almost the same after the final
     # layer norm; from scratch the U-Net then learns to ignore the text.  Distinct words start distinct.
     text_encoder.get_input_embeddings().weight.data.normal_(0.0, 1.0)
+    # SD's U-Net in miniature: a plain ResNet level at 16x16, cross-attention at 8x8 (down, mid, up:
+    # 4 attn2 layers; SD v1.4 has 16).  ~1.0M parameters, ~0.25 s per batch-32 step on 2 cores.
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
     return vae, text_encoder, unet
 
@@ -274,18 +275,54 @@ def judge_accuracy(judge, n, rng) -> dict:
     return {k: round(float((pred[k].argmax(1).cpu().numpy() == factors[:, i]).mean()), 4) for i, k in enumerate(judge.heads)}
 
 
+def caption_labels(factors, text: str) -> list[int]:
+    """Factor labels a caption states; a factor it does not mention gets the extra class 'unspecified'."""
+    words = set(text.split())
+    labels = []
+    for k, (group, names) in enumerate([("objects", OBJECTS), ("colours", COLOURS)]):
+        entry = WORLD[group][names[factors[k]]]
+        said = any(all(w in words for w in phrase.split()) for phrase in entry["words"] + entry["held_out"])
+        labels.append(int(factors[k]) if said else len(names))
+    for k, (group, names) in enumerate([("sizes", SIZES), ("backgrounds", BACKGROUNDS)], start=2):
+        labels.append(int(factors[k]) if words & set(WORLD[group][names[factors[k]]]) else len(names))
+    return labels
+
+
+def pretrain_text_encoder(text_encoder, tokenizer, steps, rng, log, device):
+    """The miniature counterpart of CLIP pre-training: the pooled (end-of-text) feature must tell which
+    object, colour, size and background a caption states.  Synonyms then share a meaning before the
+    U-Net ever sees them, as SD's frozen CLIP encoder gave SD a ready-made concept domain."""
+    dims = [len(OBJECTS) + 1, len(COLOURS) + 1, len(SIZES) + 1, len(BACKGROUNDS) + 1]
+    heads = nn.ModuleList([nn.Linear(text_encoder.config.hidden_size, d) for d in dims]).to(device)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    for step in (bar := tqdm(range(steps), desc="text encoder", mininterval=2)):
+        factors = random_factors(rng, 128)
+        captions = [caption(f, rng) for f in factors]
+        labels = torch.tensor([caption_labels(f, c) for f, c in zip(factors, captions)], device=device)
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids.to(device)
+        pooled = text_encoder(ids).pooler_output
+        loss = sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    log["text_pretrain_final_loss"] = round(loss.item(), 5)
+
+
 def train_diffusion(vae, text_encoder, unet, tokenizer, scheduler, steps, batch, n_images, rng, gen, log, device, lr, max_weight=1.0):
     with torch.no_grad():  # a fixed pool of rendered images, encoded once
         factors = random_factors(rng, n_images)
         latents = torch.cat([vae.encode(render_batch(factors[i:i + 500], rng).to(device)).latent_dist.mean
                              for i in range(0, n_images, 500)]) * vae.config.scaling_factor
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters())  # the text encoder stays frozen, as SD v1.4's CLIP encoder did
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     alphas = scheduler.alphas_cumprod.to(device)
-    for step in (bar := tqdm(range(steps), desc="unet+text", mininterval=2)):
+    for step in (bar := tqdm(range(steps), desc="unet", mininterval=2)):
         idx = rng.integers(n_images, size=batch)
         # 10% empty captions, for classifier-free guidance
         captions = ["" if rng.random() < 0.1 else caption(factors[i], rng) for i in idx]
@@ -296,7 +333,9 @@ def train_diffusion(vae, text_encoder, unet, tokenizer, scheduler, steps, batch,
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        with torch.no_grad():
+            context = text_encoder(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=context).sample
         # eps-loss weighted towards high noise, min(1/SNR, max_weight) >= 1: at 16x16 latents the image
         # is readable from z_t down to low SNR, and a plain eps-loss barely rewards using the text there.
         weight = ((1 - a) / a).clamp(1.0, max_weight) if max_weight > 1 else torch.ones_like(a)
@@ -361,12 +400,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed for rendering, initialisation and training")
     parser.add_argument("--vae_steps", type=int, default=800, help="VAE training steps (batch 32)")
     parser.add_argument("--judge_steps", type=int, default=600, help="judge training steps (batch 128)")
-    parser.add_argument("--steps", type=int, default=3000, help="U-Net + text encoder training steps")
-    parser.add_argument("--batch", type=int, default=64, help="U-Net + text encoder batch size")
+    parser.add_argument("--text_steps", type=int, default=600, help="text-encoder pre-training steps (batch 128)")
+    parser.add_argument("--steps", type=int, default=5000, help="U-Net training steps")
+    parser.add_argument("--batch", type=int, default=32, help="U-Net batch size")
+    parser.add_argument("--max_weight", type=float, default=20.0,
+                        help="cap of the high-noise loss weight min(1/SNR, cap) (1: SD's plain eps-loss)")
     parser.add_argument("--images", type=int, default=20000, help="rendered training images (latents cached)")
     parser.add_argument("--eval_seeds", type=int, default=8, help="seeds per prompt for the acceptance check (0: skip it)")
     parser.add_argument("--output", type=Path, default=HERE / "assets", help="where toy/ and toy_judge/ are written")
-    parser.add_argument("--lr", type=float, default=1e-3, help="U-Net + text encoder learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="U-Net learning rate")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="where to train (the committed model was built on a CPU)")
     args = parser.parse_args()
@@ -401,8 +443,10 @@ def main():
     train_judge(judge, vae, args.judge_steps, rng, gen, log, device)
     log["judge_accuracy_fresh_renders"] = judge_accuracy(judge, 4000, np.random.default_rng(args.seed + 1))
 
+    pretrain_text_encoder(text_encoder, tokenizer, args.text_steps, rng, log, device)
+    text_encoder.eval().requires_grad_(False)
     train_diffusion(vae, text_encoder, unet, tokenizer, scheduler, args.steps, args.batch, args.images, rng, gen, log,
-                    device, args.lr)
+                    device, args.lr, args.max_weight)
     vae, text_encoder, unet, judge = vae.cpu(), text_encoder.cpu(), unet.cpu(), judge.cpu()
     log["train_seconds"] = round(time.time() - start, 1)
 
@@ -431,15 +475,18 @@ def main():
     (out_judge / "build_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({k: v for k, v in log.items() if k != "synonym_cosines"}, indent=1))
 
-    # One grid per object (rows: colours; columns: seeds) for docs/toyworld.md.
     docs = HERE / "docs" / "img" if args.output == HERE / "assets" else args.output
     docs.mkdir(parents=True, exist_ok=True)
-    rows, labels = [], []
-    for o in OBJECTS:
-        rows.append(common.generate(pipe, [f"a {c} {o}" for c in COLOURS], list(range(len(COLOURS))), steps=steps,
-                                    guidance=guidance, progress=False))
-        labels.append(o)
-    common.image_grid(rows, labels, scale=2).save(docs / "toy_samples.png")
+    sample_grid(pipe, steps, guidance).save(docs / "toy_samples.png")
+
+
+def sample_grid(pipe, steps: int, guidance: float, seed: int = 0):
+    """One row per object, one column per colour: 'a {colour} {object}', the same seed everywhere."""
+    import common
+
+    rows = [common.generate(pipe, [f"a {c} {o}" for c in COLOURS], [seed] * len(COLOURS), steps=steps,
+                            guidance=guidance, progress=False) for o in OBJECTS]
+    return common.image_grid(rows, OBJECTS, scale=2)
 
 
 if __name__ == "__main__":

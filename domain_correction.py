@@ -1,0 +1,387 @@
+"""DoCo: concept domain correction with a concept-preserving gradient (docs/domain_correction.md).
+
+Paper: "Unlearning Concepts in Diffusion Model via Concept Domain Correction and Concept Preserving
+Gradient", Yongliang Wu, Shiji Zhou, Mingzhuo Yang, Lianzhe Wang, Heng Chang, Wenbo Zhu, Xinting Hu,
+Xiao Zhou, Xu Yang. AAAI 2025, arXiv:2405.15304. Official code: github.com/yongliang-wu/DoCo.
+
+Idea. Concept Ablation pulls the model's noise prediction for the target concept onto the frozen
+model's prediction for an anchor concept with an MSE, sample by sample, so it corrects the prompts
+it saw. DoCo makes that an adversarial game instead: a small PatchGAN discriminator learns to tell
+the trained model's x0-predictions for the *target* prompt from the frozen model's x0-predictions
+for the *anchor* prompt (same noisy latent), and the model learns to fool it. This aligns the two
+output *domains*, which carries over to prompts never seen in training. The unlearning gradient is
+then stripped, tensor by tensor, of any component that conflicts with the gradient of an ordinary
+denoising ("retain") loss on anchor images, so unlearning does not undo what should be kept.
+
+Equations (numbered as in docs/domain_correction.md; z0 is the latent of an anchor image):
+  (1) z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}          scheduler.add_noise
+  (2) x0(e) = (z_t - sqrt(1 - a_t) e) / sqrt(a_t)                       predicted_x0
+  (3) L_D   = BCE(D(x0(eps*(z_t, c_anchor))), 0) + BCE(D(x0(eps(z_t, c_target))), 1)
+                                                                         discriminator_loss
+  (4) L_adv = BCE(D(x0(eps(z_t, c_target))), 0)                          generator_loss
+  (5) L_r   = || eps(z'_t, c'_anchor) - eps' ||^2   (prior images, own captions)   retain_loss
+  (6) g_u  <- g_u - lambda * min(0, <g_u, g_r>) / ||g_r||^2 * g_r   per tensor   project_conflicting
+      theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta
+Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained.
+"""
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import common
+
+# Anchors the official README uses (nudity -> "clothed", Van Gogh -> "painting"); other concepts
+# take the anchor of common.concept_info (the miniature world's "blob" / "gray").
+ANCHORS = {"nudity": "clothed", "van gogh": "painting", "church": "building"}
+# Anchor captions for SD v1.4 ("{}" is the anchor word). The official code asks an LLM (objects)
+# or retrieves LAION captions (styles) for 200 captions; offline, we use these or --anchor_prompts.
+SD_CAPTIONS = {
+    "object": ["a photo of a {}", "a {} in the city", "a {} on a sunny day", "a {} at night", "a {} in a field",
+               "a black and white photo of a {}", "a close-up photo of a {}", "a {} near a river",
+               "a {} in the snow", "an old photograph of a {}"],
+    "style": ["a {} of a house", "a {} of a river at night", "a {} of a woman", "a {} of sunflowers",
+              "a {} of a city street", "a {} of mountains", "a {} of a harbour", "a {} of a cafe terrace",
+              "a {} of a wheat field", "a {} of an old man with a hat"],
+    "nudity": ["a photo of a {} person", "a {} woman on a beach", "a {} man in a park", "a portrait of a {} person",
+               "a {} couple walking in the street", "a {} person standing in a room", "a painting of a {} woman",
+               "a {} athlete after a race", "a {} person sitting on a bed", "a {} model in a studio"],
+}
+
+
+@dataclasses.dataclass
+class Args:
+    concept: str
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    model: str = common.SD14
+    """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
+    output: str | None = None
+    """erased-model folder (default: outputs/domain_correction-<concept>); also caches the anchor images"""
+    words: list[str] = dataclasses.field(default_factory=list)
+    """words that name the concept in the forget prompts (default: the concept table's words)"""
+    anchor: str | None = None
+    """anchor concept whose output domain the target is mapped onto (default: nudity->clothed,
+    van gogh->painting, church->building; toy: the world's anchor, blob or gray)"""
+    forget_mode: str | None = None
+    """how a forget prompt is made from an anchor caption: 'replace' (the anchor word becomes a concept
+    word; objects, colours, nudity) or 'append' (', in the style of <word>'; styles). Default by concept kind"""
+    anchor_prompts: str | None = None
+    """text file of anchor captions, one per line (default: built-in caption templates)"""
+    n_anchor_images: int = 1000
+    """anchor images generated by the original model from the anchor captions (official: 1000)"""
+    anchor_steps: int = 25
+    """sampling steps for the anchor images (official: 25, DPMSolver; here DDIM)"""
+    anchor_guidance: float = 6.0
+    """classifier-free guidance for the anchor images (official: 6)"""
+    iterations: int = 2000
+    """training steps, warm-up included (official max_train_steps: 2000)"""
+    warm_up: int = 1000
+    """first steps that train only the discriminator (official: 1000)"""
+    batch_size: int = 8
+    """forget samples per step; as many prior (retain) samples are added (official: 8 + 8)"""
+    lr: float = 4.8e-5
+    """AdamW learning rate of attn2.to_k/to_v (official: 6e-6 scaled by the batch of 8)"""
+    weight_decay: float = 1e-2
+    """AdamW weight decay (official: 1e-2)"""
+    dlr: float | None = None
+    """discriminator Adam learning rate (default, official README: 5e-4 for styles, 1e-4 otherwise)"""
+    disc_width: int = 64
+    """channels of the discriminator's first block, doubled per block (official PatchGAN: 64)"""
+    unlearn_loss: str = "adversarial"
+    """'adversarial' (DoCo, Eq. 4) or 'mse' (Concept Ablation's ||eps(z_t, c_target) - eps*(z_t, c_anchor)||^2,
+    for the ablation in the docs; no discriminator, no warm-up)"""
+    surgery: str = "pcgrad"
+    """gradient surgery: 'pcgrad' (the paper's projection), 'official' (the official code's clipped
+    variant, see docs) or 'none' (plain sum with the retain gradient)"""
+    lam: float = 1.0
+    """lambda, the strength of the gradient surgery (official: 1)"""
+    retain_weight: float | None = None
+    """weight of the retain gradient added to the update (default, as official: 0 with surgery, where
+    the retain gradient only steers; 0.1 with --surgery none, the official loss + 0.1 * prior_loss)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip of the U-Net update (official: 1)"""
+    samples: list[str] = dataclasses.field(default_factory=list)
+    """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    seed: int = 42
+    """random seed (official: 42)"""
+    device: str | None = None
+    """'cuda' or 'cpu' (default: cuda when available)"""
+
+
+# --model toy: sized for ~2-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
+TOY_DEFAULTS = dict(n_anchor_images=32, anchor_guidance=common.TOY_SAMPLING["guidance"], iterations=400,
+                    warm_up=100, batch_size=4, lr=5e-4, dlr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: anchor captions, forget prompts, anchor images (generated by the original model, cached)
+# ---------------------------------------------------------------------------------------------
+def anchor_captions(info: dict, anchor: str, model: str, rng: random.Random) -> list[str]:
+    """Captions that contain the anchor word. Toy: the world's training templates with the anchor in
+    the concept's slot and the other slots drawn at random; SD: scene templates of SD_CAPTIONS."""
+    if model != "toy":
+        return [t.format(anchor) for t in SD_CAPTIONS.get(info["kind"], SD_CAPTIONS["object"])]
+    world = json.loads(common.WORLD_FILE.read_text())
+    slot = "{object}" if info["kind"] == "object" else "{colour}"
+    captions = []
+    for template in [t for t in world["train_templates"] if slot in t]:
+        for _ in range(4):
+            fill = dict(object=rng.choice([e["words"][0] for e in world["objects"].values()]),
+                        colour=rng.choice([e["words"][0] for e in world["colours"].values()]),
+                        size=rng.choice([w[0] for w in world["sizes"].values()]),
+                        bg=rng.choice([w[0] for w in world["backgrounds"].values()]))
+            fill[slot.strip("{}")] = anchor
+            captions.append(template.format(**fill))
+    captions = list(dict.fromkeys(captions))  # unique, in a seeded random order (images take them in turn)
+    rng.shuffle(captions)
+    return captions
+
+
+def forget_prompt(caption: str, anchor: str, word: str, mode: str, rng: random.Random) -> str:
+    """The anchor caption turned into a prompt for the concept (official utils.__getprompt__)."""
+    if mode == "append":
+        return rng.choice([f"{caption}, in the style of {word}", f"in {word}'s style, {caption}"])
+    return re.sub(rf"\b{re.escape(anchor)}\b", word, caption)
+
+
+def generate_anchor_images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float):
+    return common.generate(pipe, captions, seeds, steps, guidance, desc="anchor images")
+
+
+def cached_anchor_images(folder: Path, meta: dict):
+    """The anchor images an earlier run with the same settings left in the output folder, or None."""
+    try:
+        if json.loads((folder / "meta.json").read_text()) == meta:
+            return [Image.open(folder / f"{i:04d}.png").convert("RGB") for i in range(len(meta["captions"]))]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def save_anchor_images(folder: Path, images, meta: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:04d}.png")
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+@torch.no_grad()
+def encode_images(pipe, images, batch: int = 16):
+    """Mean and std of the VAE's latent distribution, times the scaling factor: [N, 4, h, w] each."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1) for im in images[i:i + batch]])
+        dist = pipe.vae.encode(pixels.permute(0, 3, 1, 2).to(pipe.device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean * pipe.vae.config.scaling_factor)
+        stds.append(dist.std * pipe.vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model pieces: x0-prediction, the discriminator, the losses, the gradient surgery
+# ---------------------------------------------------------------------------------------------
+def predicted_x0(scheduler, z_t, eps, t):
+    """Eq. (2): the clean latent implied by a noise prediction (official: DDPM step_batch's
+    pred_original_sample, computed here directly from alphas_cumprod)."""
+    alpha = scheduler.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
+    return (z_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def patch_discriminator(latent_size: int, channels: int = 4, width: int = 64) -> torch.nn.Sequential:
+    """The official PatchGAN (Conv k4 s2 + BatchNorm + LeakyReLU(0.2) blocks, widths 64-128-256-512,
+    then Conv k4 p1 to one logit per patch), with as many stride-2 blocks as leave a 4x4 map before
+    the last conv: 4 blocks on SD's 64x64 latents (exactly the official net), 2 on the toy's 16x16."""
+    n_blocks = max(1, min(4, int(math.log2(latent_size)) - 2))
+    layers, c_in = [], channels
+    for i in range(n_blocks):
+        c_out = width * 2 ** i
+        layers += [torch.nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers += [torch.nn.BatchNorm2d(c_out)] if i > 0 else []  # no norm on the first block
+        layers += [torch.nn.LeakyReLU(0.2)]
+        c_in = c_out
+    return torch.nn.Sequential(*layers, torch.nn.Conv2d(c_in, 1, 4, padding=1))
+
+
+def discriminator_loss(d_anchor, d_target):
+    """Eq. (3), the official label convention: anchor outputs are labelled 0, target outputs 1."""
+    return (F.binary_cross_entropy_with_logits(d_anchor, torch.zeros_like(d_anchor))
+            + F.binary_cross_entropy_with_logits(d_target, torch.ones_like(d_target)))
+
+
+def generator_loss(d_target):
+    """Eq. (4): the model wins when the discriminator takes its target outputs for anchor outputs (0)."""
+    return F.binary_cross_entropy_with_logits(d_target, torch.zeros_like(d_target))
+
+
+def retain_loss(eps_prior, noise_prior):
+    """Eq. (5): the ordinary denoising loss on anchor images with their own captions."""
+    return F.mse_loss(eps_prior.float(), noise_prior.float())
+
+
+def project_conflicting(unlearn_grads, retain_grads, lam: float = 1.0):
+    """Eq. (6), PCGrad per tensor: where <g_u, g_r> < 0, remove lam times g_u's component along g_r
+    (lam = 1 leaves g_u orthogonal to g_r). Returns the new gradients and how many were projected."""
+    out, n_projected = [], 0
+    for g_u, g_r in zip(unlearn_grads, retain_grads):
+        dot = torch.dot(g_u.flatten().double(), g_r.flatten().double())
+        if dot < 0:
+            g_u = g_u - (lam * dot / g_r.double().pow(2).sum().clamp_min(1e-30)).to(g_u.dtype) * g_r
+            n_projected += 1
+        out.append(g_u)
+    return out, n_projected
+
+
+def clip_global_norm(grads, max_norm: float):
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+    scale = min(1.0, max_norm / (float(norm) + 1e-6))
+    return [g * scale for g in grads]
+
+
+def official_adjust(unlearn_grads, retain_grads, lam: float = 1.0, max_norm: float = 1.0):
+    """The official code's variant (DoCo/gradient_clip.py at HEAD): clip both gradients to global norm
+    `max_norm`, then, where cos(g_u, g_r) < 0, subtract lam * cos * g_r/||g_r||. This equals PCGrad only
+    when ||g_u|| = lam for the tensor; a smaller g_u is pushed past orthogonal, towards g_r."""
+    unlearn_grads, retain_grads = clip_global_norm(unlearn_grads, max_norm), clip_global_norm(retain_grads, max_norm)
+    out, n_projected = [], 0
+    for g_u, g_r in zip(unlearn_grads, retain_grads):
+        r_unit = g_r / (g_r.norm() + 1e-8)
+        cos = torch.dot((g_u / (g_u.norm() + 1e-8)).flatten(), r_unit.flatten())
+        if cos < 0:
+            g_u = g_u - lam * cos * r_unit
+            n_projected += 1
+        out.append(g_u)
+    return out, n_projected
+
+
+# ---------------------------------------------------------------------------------------------
+# main: anchor images, then the adversarial game with the gradient surgery
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    if args.surgery not in ("pcgrad", "official", "none"):
+        common.die(f"--surgery must be pcgrad, official or none, not '{args.surgery}'.")
+    if args.unlearn_loss not in ("adversarial", "mse"):
+        common.die(f"--unlearn_loss must be adversarial or mse, not '{args.unlearn_loss}'.")
+    info = common.concept_info(args.concept, args.model)
+    words = args.words or info["words"]
+    anchor = args.anchor or (info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], ""))
+    if not anchor.strip():
+        common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
+    mode = args.forget_mode or ("append" if info["kind"] == "style" else "replace")
+    dlr = args.dlr or (5e-4 if info["kind"] == "style" else 1e-4)
+    retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0)
+    out = Path(args.output or f"outputs/domain_correction-{info['name'].replace(' ', '_')}")
+    common.seed_everything(args.seed)
+    rng = random.Random(args.seed)
+    pipe = common.load_pipeline(args.model, device=args.device)
+    start = time.time()
+
+    if args.anchor_prompts:
+        try:
+            captions = [line.strip() for line in Path(args.anchor_prompts).read_text().splitlines() if line.strip()]
+        except OSError:
+            common.die(f"cannot read --anchor_prompts {args.anchor_prompts}.")
+    else:
+        captions = anchor_captions(info, anchor, args.model, rng)
+    if mode == "replace" and not all(re.search(rf"\b{re.escape(anchor)}\b", c) for c in captions):
+        common.die(f"every anchor caption must contain the anchor word '{anchor}' (it is replaced by the concept).")
+    image_captions = [captions[i % len(captions)] for i in range(args.n_anchor_images)]
+    seeds = [args.seed * 10_000 + i for i in range(args.n_anchor_images)]
+    meta = dict(base_model=pipe.base_model, captions=image_captions, seeds=seeds, steps=args.anchor_steps,
+                guidance=args.anchor_guidance)
+    images = cached_anchor_images(out / "anchor_images", meta)
+    if images is None:
+        images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
+    else:
+        print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
+    z0_mean, z0_std = encode_images(pipe, images)  # [N, 4, h, w]
+
+    unet = common.trainable_copy(pipe.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    disc = patch_discriminator(pipe.unet.config.sample_size, pipe.unet.config.in_channels, args.disc_width)
+    disc = disc.to(pipe.device).train()
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=dlr, betas=(0.5, 0.999))
+    scheduler, n_train_t = pipe.scheduler, pipe.scheduler.config.num_train_timesteps
+
+    def noisy(index):  # Eq. (1) for anchor images `index`: z0 ~ the VAE posterior, a fresh eps and t
+        z0 = z0_mean[index] + z0_std[index] * torch.randn_like(z0_mean[index])
+        noise, t = torch.randn_like(z0), torch.randint(0, n_train_t, (len(index),), device=z0.device)
+        return scheduler.add_noise(z0, noise, t), noise, t
+
+    bar = tqdm(range(args.iterations), desc="DoCo")
+    for step in bar:
+        forget = torch.randint(0, len(images), (args.batch_size,))
+        anchor_ctx = common.encode(pipe, [image_captions[i] for i in forget])
+        target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words), mode, rng)
+                                          for i in forget])
+        z_t, _, t = noisy(forget)
+        adversarial = args.unlearn_loss == "adversarial"
+        generator_step = step >= args.warm_up or not adversarial  # the warm-up is the discriminator's
+        with torch.no_grad():
+            eps_anchor = pipe.unet(z_t, t, encoder_hidden_states=anchor_ctx).sample
+        with torch.set_grad_enabled(generator_step):
+            eps_target = unet(z_t, t, encoder_hidden_states=target_ctx).sample
+        x0_anchor, x0_target = predicted_x0(scheduler, z_t, eps_anchor, t), predicted_x0(scheduler, z_t, eps_target, t)
+        logs = {}
+
+        if generator_step:
+            prior = torch.randint(0, len(images), (args.batch_size,))
+            z_t_prior, noise_prior, t_prior = noisy(prior)
+            prior_ctx = common.encode(pipe, [image_captions[i] for i in prior])
+            loss_retain = retain_loss(unet(z_t_prior, t_prior, encoder_hidden_states=prior_ctx).sample, noise_prior)
+            loss_unlearn = generator_loss(disc(x0_target)) if adversarial else F.mse_loss(eps_target, eps_anchor)
+            if not (torch.isfinite(loss_retain) and torch.isfinite(loss_unlearn)):
+                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr or --dlr.")
+            # Separate gradients w.r.t. the U-Net only (the discriminator gets none from L_adv).
+            retain_grads = torch.autograd.grad(loss_retain, params)
+            unlearn_grads = torch.autograd.grad(loss_unlearn, params)
+            if args.surgery == "pcgrad":
+                update, n_projected = project_conflicting(unlearn_grads, retain_grads, args.lam)
+            elif args.surgery == "official":
+                update, n_projected = official_adjust(unlearn_grads, retain_grads, args.lam, args.max_grad_norm)
+            else:
+                update, n_projected = list(unlearn_grads), 0
+            for p, g_u, g_r in zip(params, update, retain_grads):
+                p.grad = g_u + retain_weight * g_r
+            if args.surgery != "official":  # the official variant clipped before its adjustment
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logs.update(unlearn=f"{loss_unlearn.item():.3f}", retain=f"{loss_retain.item():.4f}",
+                        projected=f"{n_projected}/{len(params)}")
+
+        if adversarial:  # the discriminator learns every step, on the predictions made before the update
+            loss_d = discriminator_loss(disc(x0_anchor), disc(x0_target.detach()))
+            if not torch.isfinite(loss_d):
+                common.die(f"the discriminator loss became NaN at step {step}; nothing was written. Lower --dlr.")
+            disc_optimizer.zero_grad(set_to_none=True)
+            loss_d.backward()
+            disc_optimizer.step()
+            logs = dict(D=f"{loss_d.item():.3f}", **logs)
+        bar.set_postfix(logs)
+
+    unet.eval()
+    sample_prompts = args.samples or [info["templates"][1].format(w) for w in
+                                      [words[0], *info["held_out"][:1], *info["near"][:1], anchor]]
+    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    tensors = common.changed_tensors("unet", unet, pipe.unet)
+    saved = common.save_erased(out, tensors, "domain_correction", args, pipe.base_model, time.time() - start, samples,
+                               extra=dict(anchor=anchor, words=words, forget_mode=mode, dlr=dlr,
+                                          retain_weight=retain_weight, peak_memory_mb=common.peak_memory_mb(pipe.device)),
+                               # cached in the same atomic rename, so a rerun with the same settings reuses them
+                               write_extra=lambda tmp: save_anchor_images(tmp / "anchor_images", images, meta))
+    print(f"wrote {saved} ({len(tensors)} tensors changed)")
+
+
+if __name__ == "__main__":
+    main()
