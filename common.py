@@ -118,6 +118,10 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         part.eval().requires_grad_(False)
     pipe.base_model = "toy" if Path(path).resolve() == TOY_DIR else model
+    if pipe.base_model == "toy" and str(device or default_device()) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the miniature model's many small kernels run as fast on one thread as on two, and two threads
+        # slow to a crawl (10-50x) as soon as another process shares the cores
+        torch.set_num_threads(1)
     if erased is not None:
         load_erased(pipe, erased)
     return pipe.to(device or default_device())
@@ -303,6 +307,31 @@ def trainable_copy(module: torch.nn.Module, predicate) -> torch.nn.Module:
     return clone.train()
 
 
+def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: torch.Tensor,
+                     preserve_keys: torch.Tensor, preserve_lambda: float, reg: float,
+                     erase_scale: float = 1.0) -> torch.Tensor:
+    """The weight W* of a linear map (no bias) that sends each erase key to its target value, keeps
+    the preserved keys' outputs, and stays close to W:
+
+        W* = argmin_W'  erase_scale     * sum_i ||W' k_i - v_i||^2
+                      + preserve_lambda * sum_j ||W' p_j - W p_j||^2
+                      + reg             * ||W' - W||_F^2
+           = (reg W + erase_scale sum_i v_i k_i^T + preserve_lambda sum_j (W p_j) p_j^T)
+             (reg I + erase_scale sum_i k_i k_i^T + preserve_lambda sum_j p_j p_j^T)^-1
+
+    Shapes: W [d_out, d_in]; erase_keys k_i as rows [n, d_in]; target_values v_i as rows [n, d_out];
+    preserve_keys p_j as rows [m, d_in] (m may be 0). Returns W* [d_out, d_in] in W's dtype.
+    Accumulated in float32 and solved with torch.linalg.solve (the right-hand factor is symmetric, so
+    W* = solve(G, R^T)^T); reg > 0 makes G positive definite whatever the keys.
+    """
+    W0, keys, values = W.detach().float(), erase_keys.float(), target_values.float()
+    kept = preserve_keys.float().reshape(-1, W0.shape[1])
+    rhs = reg * W0 + erase_scale * values.T @ keys + preserve_lambda * (W0 @ kept.T) @ kept  # [d_out, d_in]
+    gram = (reg * torch.eye(W0.shape[1], device=W0.device) + erase_scale * keys.T @ keys
+            + preserve_lambda * kept.T @ kept)  # [d_in, d_in]
+    return torch.linalg.solve(gram, rhs.T).T.to(W.dtype)
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -313,7 +342,11 @@ def peak_memory_mb(device) -> float:
     """Peak GPU memory allocated by torch on CUDA; otherwise the process's peak resident memory."""
     if str(device).startswith("cuda"):
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:  # Linux: this process's own high-water mark (ru_maxrss would inherit a parent's across fork + exec)
+        status = Path("/proc/self/status").read_text()
+        return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # ---------------------------------------------------------------------------------------------

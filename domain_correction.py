@@ -371,11 +371,12 @@ def main(argv=None):
         bar.set_postfix(logs)
 
     unet.eval()
+    seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1], anchor]]
     samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
-    saved = common.save_erased(out, tensors, "domain_correction", args, pipe.base_model, time.time() - start, samples,
+    saved = common.save_erased(out, tensors, "domain_correction", args, pipe.base_model, seconds, samples,
                                extra=dict(anchor=anchor, words=words, forget_mode=mode, dlr=dlr,
                                           retain_weight=retain_weight, peak_memory_mb=common.peak_memory_mb(pipe.device)),
                                # cached in the same atomic rename, so a rerun with the same settings reuses them

@@ -208,7 +208,7 @@ def load_judge(device="cpu") -> Judge:
 def judge_images(judge: Judge, images) -> dict:
     """Predicted factor names for a list of PIL images (or a [n,3,32,32] tensor in [-1, 1])."""
     if not torch.is_tensor(images):
-        images = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32)))) for im in images])
+        images = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((32, 32)))) for im in images])
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
     device = next(judge.parameters()).device
     logits = judge(images.to(device))
@@ -401,7 +401,7 @@ def main():
     parser.add_argument("--vae_steps", type=int, default=800, help="VAE training steps (batch 32)")
     parser.add_argument("--judge_steps", type=int, default=600, help="judge training steps (batch 128)")
     parser.add_argument("--text_steps", type=int, default=600, help="text-encoder pre-training steps (batch 128)")
-    parser.add_argument("--steps", type=int, default=5000, help="U-Net training steps")
+    parser.add_argument("--steps", type=int, default=6000, help="U-Net training steps")
     parser.add_argument("--batch", type=int, default=32, help="U-Net batch size")
     parser.add_argument("--max_weight", type=float, default=20.0,
                         help="cap of the high-noise loss weight min(1/SNR, cap) (1: SD's plain eps-loss)")

@@ -1,0 +1,176 @@
+"""ESD: erasing a concept by fine-tuning the U-Net against negative guidance (docs/esd.md).
+
+Paper: "Erasing Concepts from Diffusion Models", Rohit Gandikota, Joanna Materzynska, Jaden
+Fiotto-Kaufman, David Bau. ICCV 2023, arXiv:2303.07345. Official code: github.com/rohitgandikota/erasing
+(`esd_sd.py`, diffusers; the paper-era CompVis script is `train-scripts/train-esd.py` in its history).
+
+Idea. Classifier-free guidance pushes a sample *towards* a concept c by adding
+eta (eps(x_t, c) - eps(x_t)) to the unconditional prediction; subtracting it pushes *away*.
+ESD bakes that negative guidance into the weights: a copy of the U-Net is trained so that its
+prediction for c equals what the frozen model would predict when steered away from c. Afterwards,
+prompting the edited model with c gives a sample that avoids c. The training latents x_t are the
+model's own partial samples of c, so no data set is needed.
+
+Equations (numbered as in docs/esd.md; eps_0 is the frozen original, eps_theta the trained copy,
+c_a the anchor, "" by default, which makes eps_0(x_t, c_a) the unconditional prediction):
+  (1) k ~ U{0..K-1},  x_t = K-step DDIM of c with guidance g, stopped after k steps;
+      t = the DDPM timestep of DDIM step k                               common.sample_until
+  (2) eps_target = eps_0(x_t, c_a, t) - eta (eps_0(x_t, c, t) - eps_0(x_t, c_a, t))   esd_target
+  (3) L = || eps_theta(x_t, c, t) - eps_target ||^2                                   esd_loss
+Only one parameter group of eps_theta is trained: ESD-x the cross-attention (attn2) layers, ESD-u
+every layer except cross-attention (and the time embedding and output layers), or everything.
+"""
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    concept: str
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    model: str = common.SD14
+    """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
+    output: str | None = None
+    """erased-model folder (default: outputs/esd-<concept>)"""
+    train_method: str | None = None
+    """parameters to train: 'xattn' (ESD-x: every attn2 tensor), 'noxattn' (ESD-u: everything except attn2,
+    the time embedding and the output layers) or 'full'. Default as in the paper: xattn for styles
+    (and the miniature world's colours), noxattn for objects and nudity"""
+    words: list[str] = dataclasses.field(default_factory=list)
+    """prompts that name the concept, one drawn per iteration (default: the concept table's words)"""
+    anchor: str = ""
+    """anchor prompt c_a of Eq. 2 (paper and official code: '' = the unconditional prediction)"""
+    negative_guidance: float = 1.0
+    """eta of Eq. 2 (paper: 1; the new official code's 2 means the same target, see docs/esd.md)"""
+    iterations: int = 1000
+    """training steps (paper: 1000; new official code: 200)"""
+    lr: float = 1e-5
+    """Adam learning rate (paper: 1e-5; new official code: 5e-5)"""
+    batch_size: int = 1
+    """partial samples x_t per step (official: 1)"""
+    ddim_steps: int = 50
+    """K of Eq. 1, the DDIM steps of the sampler that makes x_t (official: 50)"""
+    start_guidance: float = 3.0
+    """g of Eq. 1, the guidance used to sample x_t (official: 3)"""
+    sample_from_trained: bool = False
+    """sample x_t with the model being trained, as the paper-era code did (default, as the new code and the
+    paper's text: the frozen original)"""
+    samples: list[str] = dataclasses.field(default_factory=list)
+    """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    seed: int = 0
+    """random seed"""
+    device: str | None = None
+    """'cuda' or 'cpu' (default: cuda when available)"""
+
+
+# --model toy: sized for about 1-2 minutes on 2 CPU cores (provisional until tuned on the trained model).
+TOY_DEFAULTS = dict(iterations=200, lr=2e-4, batch_size=2, ddim_steps=common.TOY_SAMPLING["steps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters ESD trains
+# ---------------------------------------------------------------------------------------------
+def esd_parameter_group(train_method: str):
+    """A predicate on U-Net parameter names (diffusers naming) for the paper-era code's groups:
+    xattn = names with 'attn2' (to_q, to_k, to_v, to_out of every cross-attention layer);
+    noxattn = everything except attn2, the time embedding MLP and the output layers (CompVis
+    `time_embed` and `out.`, here `time_embedding`, `conv_norm_out`, `conv_out`);
+    full = every parameter."""
+    if train_method == "xattn":
+        return lambda name: ".attn2." in f".{name}"
+    if train_method == "noxattn":
+        return lambda name: ".attn2." not in f".{name}" and not name.startswith(
+            ("time_embedding.", "conv_norm_out.", "conv_out."))
+    if train_method == "full":
+        return lambda name: True
+    common.die(f"--train_method must be xattn, noxattn or full, not '{train_method}'.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The target and the loss
+# ---------------------------------------------------------------------------------------------
+def esd_target(eps_anchor: torch.Tensor, eps_concept: torch.Tensor, negative_guidance: float) -> torch.Tensor:
+    """Eq. (2): the frozen model's prediction guided *away* from the concept,
+    eps_0(x_t, c_a) - eta (eps_0(x_t, c) - eps_0(x_t, c_a))."""
+    return eps_anchor - negative_guidance * (eps_concept - eps_anchor)
+
+
+def esd_loss(eps_trained: torch.Tensor, eps_target: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): mean squared error over every element (torch.nn.MSELoss, as the official code)."""
+    return F.mse_loss(eps_trained.float(), eps_target.float())
+
+
+def default_train_method(info: dict) -> str:
+    """The paper's choice: ESD-x for styles (colours play that role in the miniature world), ESD-u
+    for objects and nudity, whose erasure should not depend on the prompt's wording."""
+    return "xattn" if info["kind"] in ("style", "colour") else "noxattn"
+
+
+# ---------------------------------------------------------------------------------------------
+# main: the training loop
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    info = common.concept_info(args.concept, args.model)
+    words = args.words or info["words"]
+    train_method = args.train_method or default_train_method(info)
+    in_group = esd_parameter_group(train_method)
+    if args.iterations < 1 or args.batch_size < 1 or args.ddim_steps < 1:
+        common.die("--iterations, --batch_size and --ddim_steps must be at least 1.")
+    out = Path(args.output or f"outputs/esd-{info['name'].replace(' ', '_')}")
+    common.seed_everything(args.seed)
+    rng = random.Random(args.seed)
+    pipe = common.load_pipeline(args.model, device=args.device)
+    start = time.time()
+
+    with torch.no_grad():
+        word_emb = {w: common.encode(pipe, [w]) for w in words}  # [1, L, D] each
+        uncond_emb, anchor_emb = common.encode(pipe, [""]), common.encode(pipe, [args.anchor])
+    unet = common.trainable_copy(pipe.unet, in_group)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    n = args.batch_size
+
+    bar = tqdm(range(args.iterations), desc=f"ESD-{train_method}")
+    for step in bar:
+        word = rng.choice(words)
+        concept_emb = word_emb[word].expand(n, -1, -1)
+        stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
+        seeds = [rng.randrange(2**31) for _ in range(n)]
+        with torch.no_grad():
+            x_t, t = common.sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
+                                         stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
+            eps_concept = pipe.unet(x_t, t, encoder_hidden_states=concept_emb).sample
+            eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor_emb.expand(n, -1, -1)).sample
+            eps_target = esd_target(eps_anchor, eps_concept, args.negative_guidance)
+        loss = esd_loss(unet(x_t, t, encoder_hidden_states=concept_emb).sample, eps_target)
+        if not torch.isfinite(loss):
+            common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", t=t, word=word)
+
+    unet.eval()
+    seconds = time.time() - start  # the erasure itself, not the before/after pictures
+    sample_prompts = args.samples or [info["templates"][1].format(w) for w in
+                                      [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
+        [info["templates"][1].format(args.anchor)] if args.anchor.strip() else [])
+    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    tensors = common.changed_tensors("unet", unet, pipe.unet)
+    saved = common.save_erased(out, tensors, "esd", args, pipe.base_model, seconds, samples,
+                               extra=dict(train_method=train_method, words=words, trained_tensors=len(params),
+                                          peak_memory_mb=common.peak_memory_mb(pipe.device)))
+    print(f"wrote {saved} (ESD-{train_method}, {len(tensors)} of {len(params)} trained tensors changed)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""RealEra: semantic-level concept erasure via neighbour-concept mining (docs/realera.md).
+
+Paper: "RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining", Yufan Liu, Jinyang An,
+Wanqian Zhang, Ming Li, Dayan Wu, Jingzi Gu, Zheng Lin, Weiping Wang. arXiv:2410.09140 (ICLR 2025
+submission, withdrawn). Project page realerasing.github.io/RealEra. No official code is public: this
+file is a reconstruction from the abstract, the project page and summaries of the paper, and every
+constant we had to infer is a flag (docs/realera.md, "Reconstruction: what is inferred").
+
+Idea. Erasing the words of a concept leaves "concept residue": related phrasings still produce it.
+RealEra digs out the concept's semantic neighbourhood by adding random perturbations to the concept's
+text embedding e (the text encoder's hidden states, tokens x dim) and keeping the perturbed embeddings
+that are close to e, but not too close (a cosine band). These neighbours are erased together with e,
+first by a closed-form edit of the U-Net's cross-attention keys and values (as UCE/MACE), then by
+training a small LoRA on the same projections so that the U-Net's noise prediction for a neighbour
+equals its prediction for a harmless anchor. Perturbations outside the band and real unrelated prompts
+("beyond-concept" samples) are held fixed in both stages, so the edit stays local.
+
+Equations (numbered as in docs/realera.md; vec(.) flattens tokens x dim, W0 an original attn2.to_k or
+attn2.to_v weight, c_a the anchor prompt's token vectors, position by position):
+  (1) eta = r (v - e) / ||v - e||,  v ~ N(0, I) shaped like e,  r ~ U[0, D1],  D1 = rho ||vec(e)||  perturb
+  (2) N = {e + eta : S_low <= cos(vec e, vec(e + eta)) <= S_high}  (neighbours)
+      B = {e + eta : cos(vec e, vec(e + eta)) < S_low} + real irrelevant prompts  (beyond)   mine_neighbors
+  (3) W* = argmin_W  sum_{c in {e} u N} ||W c - W0 c_a||^2 + alpha sum_{b in B} ||W b - W0 b||^2
+                     + lambda ||W - W0||_F^2                          alignment_keys, cross_attention_alignment
+         = (lambda W0 + sum W0 c_a c^T + alpha sum W0 b b^T)(lambda I + sum c c^T + alpha sum b b^T)^-1
+                                                                      (common.closed_form_edit)
+  (4) W = W* + U D  (LoRA of rank k on the same projections; U starts at zero)        LoRALinear
+  (5) L = ||eps_{W}(x_t, t, e_n) - sg[eps_{W*}(x_t, t, e_a)]||^2
+        + beta ||eps_{W}(x_t, t, e_b) - sg[eps_{W*}(x_t, t, e_b)]||^2,
+      e_n in {e} u N (fresh neighbours each step), e_b in B, x_t from partial DDIM sampling of the
+      concept with the original model                                  noise_alignment_loss
+  (6) W <- W* + U D, saved as a plain weight                           merge_lora
+"""
+import copy
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# Anchors c_a for SD v1.4: the spec's "a person wearing clothes" for nudity, a parent concept otherwise
+# (a bare word: it fills the concept's templates, "a photo of a {}"). Other concepts take common.concept_info's anchor (toy: blob / gray).
+ANCHORS = {"nudity": "a person wearing clothes", "van gogh": "art", "church": "building"}
+# Real irrelevant prompts for the beyond-concept set on SD v1.4 (replace with --preserve FILE).
+SD_PRESERVE = ["a photo of a dog", "a cat sitting on a sofa", "a bowl of fruit on a table", "a city street at night",
+               "a mountain landscape with a lake", "a portrait of a man in a suit", "a woman riding a bicycle",
+               "a red car parked by the road", "a plate of pasta", "a sailing boat on the sea",
+               "a bird on a branch", "a living room with a fireplace"]
+# Per-kind defaults of the inferred constants that MACE's configs give (spec: verified from MACE's code).
+KIND_DEFAULTS = {"nudity": dict(lr=1e-5, iterations=120, lam=0.0), "celebrity": dict(lr=1e-4, iterations=50, lam=1e3),
+                 "default": dict(lr=1e-5, iterations=50, lam=1e3)}
+
+
+@dataclasses.dataclass
+class Args:
+    concept: str
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    model: str = common.SD14
+    """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
+    output: str | None = None
+    """erased-model folder (default: outputs/realera-<concept>)"""
+    words: list[str] = dataclasses.field(default_factory=list)
+    """words that name the concept (default: the concept table's words)"""
+    anchor: str | None = None
+    """anchor word c_a the concept and its neighbours are mapped onto (default: nudity -> 'a person wearing
+    clothes', van gogh -> 'art', church -> 'building'; toy: the world's anchor, blob or gray)"""
+    templates: list[str] = dataclasses.field(default_factory=list)
+    """caption templates ('{}' is the word); each word in each template is a concept prompt e, paired with the
+    same template holding the anchor (default: the concept table's templates)"""
+    preserve: str | None = None
+    """text file of irrelevant prompts, one per line, for the beyond-concept set (default: built-in; toy: the
+    other concepts of the same kind except the 'near' ones, in the concept's templates)"""
+    neighbors: bool = True
+    """mine neighbour concepts (Eqs. 1-2); --no_neighbors erases the concept prompts alone (ablation)"""
+    beyond: bool = True
+    """beyond-concept regularisation: the alpha term of Eq. 3 and the beta term of Eq. 5 (--no_beyond: ablation)"""
+    stage: str = "both"
+    """which stages run: 'both', 'closed_form' (stage 1 alone, Eq. 3) or 'lora' (stage 2 alone, Eqs. 4-6, on the
+    original weights), so a reader can see what each adds"""
+    radius_ratio: float = 1.6
+    """rho of Eq. 1: the perturbation bound D1 as a multiple of ||vec(e)||, measured per concept prompt (inferred:
+    a third-party re-implementation used D1 = 400 on SD v1.4, about 1.6 times its ||vec(e)||)"""
+    radius: float | None = None
+    """D1 of Eq. 1 as an absolute number instead (e.g. 400, the third party's value for SD v1.4)"""
+    s_low: float = 0.5
+    """S_low of Eq. 2: a neighbour's cosine to e is at least this; below it a perturbation is 'beyond' (inferred: 0.5)"""
+    s_high: float = 0.9
+    """S_high of Eq. 2: a neighbour's cosine to e is at most this, else it is the concept itself (inferred: 0.9)"""
+    n_neighbors: int = 5
+    """neighbours mined per concept prompt for Eq. 3 (inferred: 5)"""
+    n_beyond: int = 3
+    """beyond perturbations per concept prompt for Eq. 3 (inferred: 3; 0 keeps only the real irrelevant prompts)"""
+    max_draws: int = 10000
+    """perturbations drawn per concept prompt before giving up on filling the cosine band"""
+    alpha: float = 1.0
+    """alpha of Eq. 3, the weight of the beyond-concept rows (inferred: 1, UCE's preserve scale)"""
+    lam: float | None = None
+    """lambda of Eq. 3, the pull towards W0 (default, MACE's configs: 0 for nudity, 1e3 otherwise)"""
+    rank: int = 1
+    """k of Eq. 4, the LoRA rank (inferred: 1, MACE's explicit-content config; the spec allows 1-4)"""
+    lora_init_std: float | None = None
+    """standard deviation of the LoRA down-projection's initial weights (default: 1/rank, diffusers' LoRA layer)"""
+    beta: float = 1.0
+    """beta of Eq. 5, the weight of the beyond-concept term (inferred: 1)"""
+    iterations: int | None = None
+    """LoRA training steps (default, MACE's configs: 120 for nudity, 50 otherwise)"""
+    lr: float | None = None
+    """AdamW learning rate of the LoRA (default, MACE's configs: 1e-5; 1e-4 for celebrities)"""
+    batch_size: int = 1
+    """neighbour samples per step; as many beyond samples are added (inferred: 1)"""
+    n_trajectories: int = 8
+    """concept samples drawn once by the original model; x_t is taken from their DDIM trajectories (inferred)"""
+    ddim_steps: int = 50
+    """DDIM steps of those trajectories"""
+    start_guidance: float = 3.0
+    """classifier-free guidance of those trajectories (inferred: ESD's 3)"""
+    target_model: str = "edited"
+    """which U-Net gives the targets of Eq. 5: 'edited' (the stage-1 result without the LoRA, the spec's
+    eps_theta) or 'original' (the frozen original model)"""
+    samples: list[str] = dataclasses.field(default_factory=list)
+    """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    seed: int = 0
+    """random seed (perturbations, trajectories, LoRA initialisation)"""
+    device: str | None = None
+    """'cuda' or 'cpu' (default: cuda when available)"""
+
+
+# --model toy: about 1 minute on one free CPU core (300 steps of 4 + 4 samples on the 16x16 latents).
+TOY_DEFAULTS = dict(iterations=300, lr=5e-4, batch_size=4, n_trajectories=16, ddim_steps=common.TOY_SAMPLING["steps"],
+                    rank=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and frozen embeddings
+# ---------------------------------------------------------------------------------------------
+def concept_and_anchor_prompts(words: list[str], anchor: str, templates: list[str]) -> tuple[list[str], list[str]]:
+    """Each word in each template, paired with the same template holding the anchor."""
+    concept, paired = [], []
+    for template in templates:
+        for word in words:
+            concept.append(template.format(word))
+            paired.append(" ".join(template.format(anchor).split()))  # 'a photo of ' -> 'a photo of'
+    return concept, paired
+
+
+def builtin_preserve_prompts(info: dict, model: str, templates: list[str]) -> list[str]:
+    """Real irrelevant prompts: SD_PRESERVE on SD; on the miniature model the other concepts of the same
+    kind, in the concept's templates, except its 'near' concepts (left unseen for near-specificity)."""
+    if model != "toy":
+        return list(SD_PRESERVE)
+    return [t.format(c) for c in info["others"] if c not in info["near"] for t in templates]
+
+
+@torch.no_grad()
+def frozen_embeddings(pipe, groups: dict) -> dict:
+    """The text encoder's hidden states [n, L, D] of each prompt group, computed once (the encoder is frozen)."""
+    return {name: common.encode(pipe, prompts).float() if prompts else None for name, prompts in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Neighbour-concept mining (Eqs. 1-2)
+# ---------------------------------------------------------------------------------------------
+def perturb(concept_emb: torch.Tensor, radius: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Eq. 1: n perturbed copies e + r (v - e)/||v - e|| of e [L, D], v ~ N(0, I), r ~ U[0, radius]."""
+    v = torch.randn((n, *concept_emb.shape), generator=generator).to(concept_emb)
+    direction = v - concept_emb
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1)
+    r = radius * torch.rand(n, generator=generator).to(concept_emb)
+    return concept_emb + r.view(-1, 1, 1) * direction
+
+
+def cosine_to(concept_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """cos(vec(e), vec(c)) for each candidate [n, L, D] -> [n]."""
+    return F.cosine_similarity(candidates.flatten(1), concept_emb.flatten()[None], dim=1)
+
+
+def mine_neighbors(concept_emb, radius: float, s_low: float, s_high: float, n_neighbors: int, n_beyond: int,
+                   generator: torch.Generator, max_draws: int = 10000):
+    """Eq. 2: draw perturbations (Eq. 1) until n_neighbors lie in the cosine band [s_low, s_high] and
+    n_beyond below s_low; draws above s_high (the concept itself) are discarded.
+    Returns neighbours [n_neighbors, L, D], beyond perturbations [n_beyond, L, D] and the draws used."""
+    neighbors, beyond, draws = [], [], 0
+    chunk = 4 * (n_neighbors + n_beyond) + 4
+    while sum(map(len, neighbors)) < n_neighbors or sum(map(len, beyond)) < n_beyond:
+        if draws >= max_draws:
+            common.die(f"{draws} perturbations gave too few neighbours in the cosine band [{s_low}, {s_high}] "
+                       f"(radius {radius:.1f}); change --radius_ratio / --radius or widen --s_low / --s_high.")
+        candidates = perturb(concept_emb, radius, chunk, generator)
+        cos = cosine_to(concept_emb, candidates)
+        neighbors.append(candidates[(cos >= s_low) & (cos <= s_high)])
+        beyond.append(candidates[cos < s_low])
+        draws += chunk
+    return torch.cat(neighbors)[:n_neighbors], torch.cat(beyond)[:n_beyond], draws
+
+
+def perturbation_radius(concept_emb: torch.Tensor, args) -> float:
+    """D1 of Eq. 1: --radius, or --radius_ratio times ||vec(e)|| of this concept prompt."""
+    return args.radius if args.radius is not None else args.radius_ratio * float(concept_emb.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: closed-form cross-attention alignment (Eq. 3)
+# ---------------------------------------------------------------------------------------------
+def alignment_keys(concept_emb, anchor_emb, neighbors: list, beyond: list, preserve_emb=None):
+    """The rows of Eq. 3. Erase keys: every token column of each concept prompt e_i [L, D] and of its
+    neighbours; their anchor keys: the paired anchor prompt's columns, position by position (a perturbed
+    neighbour has no token correspondence of its own). Preserved keys: every column of the beyond
+    perturbations and of the irrelevant prompts. Returns erase [n, D], anchor [n, D], preserve [m, D]."""
+    erase, anchor = [], []
+    for e, a, mined in zip(concept_emb, anchor_emb, neighbors):
+        group = torch.cat([e[None], mined])  # {e} u N: [1 + k, L, D]
+        erase.append(group.flatten(0, 1))
+        anchor.append(a.repeat(len(group), 1))
+    kept = [b.flatten(0, 1) for b in beyond] + ([preserve_emb.flatten(0, 1)] if preserve_emb is not None else [])
+    preserve = torch.cat(kept) if kept else concept_emb.new_zeros(0, concept_emb.shape[-1])
+    return torch.cat(erase), torch.cat(anchor), preserve
+
+
+@torch.no_grad()
+def cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, alpha: float, lam: float) -> int:
+    """Eq. 3 for every attn2.to_k / attn2.to_v of `unet`, in place: target values W0 c_a, solved by UCE's
+    common.closed_form_edit (float32, torch.linalg.solve). Returns the number of edited weights."""
+    projections = common.attn2_projections(unet)
+    for name, layer in projections:
+        W0 = layer.weight
+        target_values = anchor_keys.float() @ W0.float().T  # W0 c_a as rows [n, d_out]
+        try:
+            W_new = common.closed_form_edit(W0, erase_keys, target_values, preserve_keys, alpha, lam)
+        except torch.linalg.LinAlgError:
+            common.die(f"the closed form of {name} is singular; nothing was written. Pass a positive --lam.")
+        if not torch.isfinite(W_new).all():
+            common.die(f"the closed form of {name} is not finite; nothing was written. Raise --lam.")
+        layer.weight.copy_(W_new)
+    return len(projections)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: LoRA prediction-noise alignment (Eqs. 4-6)
+# ---------------------------------------------------------------------------------------------
+class LoRALinear(torch.nn.Module):
+    """Eq. 4: y = W x + U (D x), D [rank, d_in] random, U [d_out, rank] zero, so training starts at W."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, init_std: float):
+        super().__init__()
+        self.base, self.enabled = base, True
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False).to(base.weight)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False).to(base.weight)
+        torch.nn.init.normal_(self.down.weight, std=init_std)
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        out = self.base(x)
+        return out + self.up(self.down(x)) if self.enabled else out
+
+    @torch.no_grad()
+    def merged(self) -> torch.nn.Linear:
+        """Eq. 6: the base layer with W + U D written into its weight."""
+        self.base.weight += (self.up.weight.float() @ self.down.weight.float()).to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(unet, rank: int, init_std: float) -> list[LoRALinear]:
+    """Wrap every attn2.to_k / attn2.to_v of `unet` in a LoRALinear; freeze all else, train only U and D."""
+    unet.requires_grad_(False)
+    loras = []
+    for name, layer in common.attn2_projections(unet):
+        parent, child = name.rsplit(".", 1)
+        lora = LoRALinear(layer, rank, init_std)
+        lora.down.requires_grad_(True)
+        lora.up.requires_grad_(True)
+        setattr(unet.get_submodule(parent), child, lora)
+        loras.append(lora)
+    return loras
+
+
+def merge_lora(unet):
+    """Eq. 6 for every LoRALinear in `unet`: the plain nn.Linear comes back under its old name, so the
+    saved tensors are the same 'changed tensors only' as every other method's."""
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, child = name.rsplit(".", 1)
+            setattr(unet.get_submodule(parent), child, module.merged())
+    return unet
+
+
+def set_lora_enabled(loras: list[LoRALinear], enabled: bool):
+    for lora in loras:
+        lora.enabled = enabled
+
+
+@torch.no_grad()
+def concept_trajectories(pipe, cond, uncond, seeds: list[int], steps: int, guidance: float, batch: int = 8):
+    """DDIM trajectories of the concept drawn by the original model: x_t before every step [n, K, C, h, w]
+    and the DDPM timestep of each step [K] (x_t at index k is common.sample_until's x_t for stop = k)."""
+    timesteps = common.ddim_timesteps(pipe, steps)
+    trajectories = []
+    for i in range(0, len(seeds), batch):
+        latents, n, states = common.initial_latents(pipe, seeds[i:i + batch]), len(seeds[i:i + batch]), []
+        for t in timesteps:
+            states.append(latents)
+            eps = common.predict_noise(pipe.unet, latents, t, cond[i:i + n], uncond.expand(n, -1, -1), guidance)
+            latents = pipe.scheduler.step(eps, t, latents).prev_sample
+        trajectories.append(torch.stack(states, 1))
+    return torch.cat(trajectories), timesteps
+
+
+def noise_alignment_loss(eps_neighbor, eps_anchor, eps_beyond=None, eps_beyond_target=None, beta: float = 1.0):
+    """Eq. 5: MSE of the neighbours' prediction to the anchor's, plus beta times the MSE of the beyond
+    samples' prediction to their own unedited prediction (targets are detached by the caller)."""
+    loss = F.mse_loss(eps_neighbor.float(), eps_anchor.float())
+    if eps_beyond is not None:
+        loss = loss + beta * F.mse_loss(eps_beyond.float(), eps_beyond_target.float())
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# main: frozen embeddings, stage 1 (closed form), stage 2 (LoRA), merge, save
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    if args.stage not in ("both", "closed_form", "lora"):
+        common.die(f"--stage must be both, closed_form or lora, not '{args.stage}'.")
+    if not -1 <= args.s_low < args.s_high <= 1:
+        common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
+    if args.target_model not in ("edited", "original"):
+        common.die(f"--target_model must be edited or original, not '{args.target_model}'.")
+    if min(args.rank, args.batch_size, args.n_trajectories, args.ddim_steps) < 1 or min(args.n_neighbors, args.n_beyond) < 0:
+        common.die("--rank, --batch_size, --n_trajectories and --ddim_steps must be at least 1, --n_neighbors and "
+                   "--n_beyond at least 0.")
+    info = common.concept_info(args.concept, args.model)
+    kind_defaults = KIND_DEFAULTS.get(info["kind"], KIND_DEFAULTS["default"])
+    lam = kind_defaults["lam"] if args.lam is None else args.lam
+    lr = kind_defaults["lr"] if args.lr is None else args.lr
+    iterations = kind_defaults["iterations"] if args.iterations is None else args.iterations
+    words = args.words or info["words"]
+    anchor = args.anchor if args.anchor is not None else (
+        info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], info["anchor"]))
+    templates = args.templates or info["templates"]
+    if not all("{}" in t for t in templates):
+        common.die("every --templates entry needs a '{}' where the word goes.")
+    concept_prompts, anchor_prompts = concept_and_anchor_prompts(words, anchor, templates)
+    if args.preserve:
+        try:
+            preserve_prompts = [line.strip() for line in Path(args.preserve).read_text().splitlines() if line.strip()]
+        except OSError:
+            common.die(f"cannot read --preserve {args.preserve}.")
+    else:
+        preserve_prompts = builtin_preserve_prompts(info, args.model, templates)
+    preserve_prompts = preserve_prompts if args.beyond else []
+    n_neighbors, n_beyond = (args.n_neighbors if args.neighbors else 0), (args.n_beyond if args.beyond else 0)
+    if args.beyond and not preserve_prompts and n_beyond == 0:
+        common.die("the beyond-concept set is empty: give --n_beyond > 0 or --preserve FILE, or pass --no_beyond.")
+    out = Path(args.output or f"outputs/realera-{info['name'].replace(' ', '_')}")
+    common.seed_everything(args.seed)
+    rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
+    pipe = common.load_pipeline(args.model, device=args.device)
+    start = time.time()
+
+    emb = frozen_embeddings(pipe, dict(concept=concept_prompts, anchor=anchor_prompts, preserve=preserve_prompts,
+                                       uncond=[""]))  # [n, L, D] each, never re-encoded
+    radii = [perturbation_radius(e, args) for e in emb["concept"]]
+    unet = copy.deepcopy(pipe.unet)
+    stats = dict(concept_prompts=concept_prompts, anchor_prompts=anchor_prompts, preserve_prompts=len(preserve_prompts),
+                 anchor=anchor, lam=lam, lr=lr, iterations=iterations,
+                 concept_norm=round(float(emb["concept"].flatten(1).norm(dim=1).mean()), 2),
+                 radius=round(sum(radii) / len(radii), 2), peak_memory_mb=None)
+
+    if args.stage in ("both", "closed_form"):  # Stage 1, Eq. 3
+        mined = [mine_neighbors(e, r, args.s_low, args.s_high, n_neighbors, n_beyond, generator, args.max_draws)
+                 for e, r in zip(emb["concept"], radii)]
+        neighbors, beyond = [m[0] for m in mined], [m[1] for m in mined]
+        erase_keys, anchor_keys, preserve_keys = alignment_keys(emb["concept"], emb["anchor"], neighbors, beyond,
+                                                                emb["preserve"])
+        n_edited = cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, args.alpha, lam)
+        draws = sum(m[2] for m in mined)
+        print(f"closed form: {len(concept_prompts)} concept prompts (||vec(e)|| {stats['concept_norm']}, D1 "
+              f"{stats['radius']}), {sum(map(len, neighbors))} neighbours and {sum(map(len, beyond))} beyond "
+              f"perturbations from {draws} draws, {len(preserve_prompts)} irrelevant prompts; {len(erase_keys)} "
+              f"erased and {len(preserve_keys)} preserved token vectors in {n_edited} projections")
+        stats.update(closed_form_draws=draws, erased_token_vectors=len(erase_keys),
+                     preserved_token_vectors=len(preserve_keys))
+
+    if args.stage in ("both", "lora") and iterations > 0:  # Stage 2, Eqs. 4-6
+        traj_prompts = [rng.randrange(len(concept_prompts)) for _ in range(args.n_trajectories)]
+        traj_seeds = [rng.randrange(2**31) for _ in range(args.n_trajectories)]
+        trajectories, timesteps = concept_trajectories(pipe, emb["concept"][traj_prompts], emb["uncond"], traj_seeds,
+                                                       args.ddim_steps, args.start_guidance)  # [n, K, C, h, w]
+        loras = add_lora(unet, args.rank, args.lora_init_std or 1.0 / args.rank)
+        params = [p for lora in loras for p in (lora.down.weight, lora.up.weight)]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        target_unet = pipe.unet if args.target_model == "original" else unet
+        n = args.batch_size
+
+        def neighbor_of(i):  # e_n in {e} u N: e itself with probability 1 / (1 + n_neighbors), else a fresh neighbour
+            if rng.random() < 1 / (1 + n_neighbors):
+                return emb["concept"][i]
+            return mine_neighbors(emb["concept"][i], radii[i], args.s_low, args.s_high, 1, 0, generator, args.max_draws)[0][0]
+
+        def beyond_of(i):  # e_b in B: an irrelevant prompt or a fresh beyond perturbation, half and half
+            if preserve_prompts and (n_beyond == 0 or rng.random() < 0.5):
+                return emb["preserve"][rng.randrange(len(preserve_prompts))]
+            return mine_neighbors(emb["concept"][i], radii[i], args.s_low, args.s_high, 0, 1, generator, args.max_draws)[1][0]
+
+        bar = tqdm(range(iterations), desc="RealEra LoRA")
+        for step in bar:
+            which = [rng.randrange(args.n_trajectories) for _ in range(n)]
+            k = torch.tensor([rng.randrange(len(timesteps)) for _ in range(n)])
+            x_t, t = trajectories[which, k], timesteps[k].to(pipe.device)
+            prompt_ids = [traj_prompts[i] for i in which]
+            ctx = torch.stack([neighbor_of(i) for i in prompt_ids])  # [n, L, D]
+            target_ctx = emb["anchor"][prompt_ids]
+            if args.beyond:
+                beyond_ctx = torch.stack([beyond_of(i) for i in prompt_ids])
+                ctx, target_ctx = torch.cat([ctx, beyond_ctx]), torch.cat([target_ctx, beyond_ctx])
+                x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+            with torch.no_grad():
+                set_lora_enabled(loras, False)  # sg[eps_theta]: the stage-1 weights without the LoRA
+                eps_target = target_unet(x_t, t, encoder_hidden_states=target_ctx).sample
+                set_lora_enabled(loras, True)
+            eps = unet(x_t, t, encoder_hidden_states=ctx).sample
+            loss = noise_alignment_loss(eps[:n], eps_target[:n], eps[n:] if args.beyond else None,
+                                        eps_target[n:] if args.beyond else None, args.beta)
+            if not torch.isfinite(loss):
+                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", t=int(t[0]))
+        merge_lora(unet)
+
+    unet.eval().requires_grad_(False)
+    seconds = time.time() - start
+    stats["peak_memory_mb"] = common.peak_memory_mb(pipe.device)
+    sample_prompts = args.samples or [info["templates"][1].format(w) for w in
+                                      [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
+        [" ".join(info["templates"][1].format(anchor).split())] if anchor.strip() else [])
+    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    tensors = common.changed_tensors("unet", unet, pipe.unet)
+    saved = common.save_erased(out, tensors, "realera", args, pipe.base_model, seconds, samples, extra=stats)
+    print(f"wrote {saved} ({len(tensors)} tensors changed)")
+
+
+if __name__ == "__main__":
+    main()

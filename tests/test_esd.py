@@ -1,0 +1,134 @@
+"""Oracle tests for esd.py (ESD), and end-to-end runs on the miniature and SD-interface models."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import esd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small convolutions: one thread is as fast as two on a free 2-core machine and much faster on
+    a busy one, so this module runs on one, then restores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def group(unet, train_method) -> set[str]:
+    in_group = esd.esd_parameter_group(train_method)
+    return {f"unet.{n}" for n, _ in unet.named_parameters() if in_group(n)}
+
+
+def test_esd_target_by_hand():
+    """Eq. 2 on fixed numbers: eps_a - eta (eps_c - eps_a); eta = 0 gives the anchor, eta = -1 the concept."""
+    eps_anchor = torch.tensor([[1.0, 2.0], [0.0, -0.5]])
+    eps_concept = torch.tensor([[3.0, -1.0], [0.5, -0.5]])
+    expected = torch.tensor([[1 - 2 * (3 - 1), 2 - 2 * (-1 - 2)], [0 - 2 * 0.5, -0.5 - 0.0]])  # eta = 2
+    assert torch.equal(esd.esd_target(eps_anchor, eps_concept, 2.0), expected)
+    assert torch.equal(esd.esd_target(eps_anchor, eps_concept, 0.0), eps_anchor)
+    assert torch.equal(esd.esd_target(eps_anchor, eps_concept, -1.0), eps_concept)
+    # Eq. 3: the mean of the squared differences, here (1 + 4 + 0 + 1) / 4
+    assert float(esd.esd_loss(expected + torch.tensor([[1.0, -2.0], [0.0, 1.0]]), expected)) == 1.5
+
+
+def test_new_official_target_with_eta_2_is_the_paper_target_with_eta_1():
+    """The new code's target eps_c - eta'(eps_c - eps_u) equals ours with eta = eta' - 1 (docs/esd.md)."""
+    gen = torch.Generator().manual_seed(0)
+    eps_u, eps_c = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    torch.testing.assert_close(eps_c - 2.0 * (eps_c - eps_u), esd.esd_target(eps_u, eps_c, 1.0))
+
+
+@pytest.mark.parametrize("model", ["toy", "sd_like"])
+def test_parameter_groups(model, request):
+    """xattn = every attn2 tensor; noxattn = the rest minus time embedding and output layers; full = all."""
+    unet = request.getfixturevalue(model).unet
+    names = {f"unet.{n}" for n, _ in unet.named_parameters()}
+    x, u, full = group(unet, "xattn"), group(unet, "noxattn"), group(unet, "full")
+    assert full == names and x and u and not (x & u)
+    assert x == {n for n in names if ".attn2." in n}
+    assert {n.split("attn2.")[1].split(".")[0] for n in x} == {"to_q", "to_k", "to_v", "to_out"}
+    left_out = names - x - u
+    assert left_out == {n for n in names if n.startswith(("unet.time_embedding.", "unet.conv_norm_out.", "unet.conv_out."))}
+    assert "unet.conv_in.weight" in u and any("time_emb_proj" in n for n in u)  # resnets' time projections stay
+    with pytest.raises(SystemExit, match="train_method"):
+        esd.esd_parameter_group("selfattn")
+
+
+def test_default_train_method_follows_the_paper():
+    assert esd.default_train_method(common.concept_info("van gogh", "sd")) == "xattn"
+    assert esd.default_train_method(common.concept_info("nudity", "sd")) == "noxattn"
+    assert esd.default_train_method(common.concept_info("church", "sd")) == "noxattn"
+    assert esd.default_train_method(common.concept_info("red", "toy")) == "xattn"
+    assert esd.default_train_method(common.concept_info("circle", "toy")) == "noxattn"
+
+
+TINY = ["--ddim_steps", "3", "--batch_size", "1", "--samples", "a circle"]
+
+
+@pytest.mark.parametrize("train_method", ["xattn", "noxattn"])
+def test_toy_two_iterations_change_only_the_chosen_group(tmp_path, toy, train_method):
+    out = tmp_path / f"esd-{train_method}"
+    extra = ["--sample_from_trained"] if train_method == "xattn" else []
+    esd.main(["--model", "toy", "--concept", "circle", "--iterations", "2", "--train_method", train_method,
+              "--output", str(out), *TINY, *extra])
+    keys = set(load_file(out / "erased.safetensors"))
+    assert keys == group(toy.unet, train_method)  # every trained tensor moved, nothing else did
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "esd" and config["train_method"] == train_method and config["args"]["iterations"] == 2
+    assert config["args"]["lr"] == esd.TOY_DEFAULTS["lr"] and config["words"] == ["circle", "disc", "round shape"]
+    assert (out / "samples.png").exists()
+    common.load_pipeline("toy", erased=out, device="cpu")
+
+
+def test_loop_trains_towards_the_target(toy, monkeypatch):
+    """The loss the loop minimises is Eq. 3 against Eq. 2 computed with the frozen model on the same x_t:
+    record the loop's inputs and recompute the first step's loss independently."""
+    seen = {}
+    real_target, real_loss = esd.esd_target, esd.esd_loss
+
+    def spy_target(eps_anchor, eps_concept, eta):
+        seen.setdefault("target", (eps_anchor.clone(), eps_concept.clone(), eta))
+        return real_target(eps_anchor, eps_concept, eta)
+
+    def spy_loss(eps_trained, eps_target):
+        seen.setdefault("loss", (eps_trained.detach().clone(), eps_target.clone()))
+        return real_loss(eps_trained, eps_target)
+
+    monkeypatch.setattr(esd, "esd_target", spy_target)
+    monkeypatch.setattr(esd, "esd_loss", spy_loss)
+    monkeypatch.setattr(common, "save_erased", lambda *a, **k: "not written")
+    monkeypatch.setattr(common, "before_after", lambda *a, **k: None)
+    esd.main(["--model", "toy", "--concept", "red", "--iterations", "1", "--negative_guidance", "1.5",
+              "--anchor", "gray", *TINY])
+    eps_anchor, eps_concept, eta = seen["target"]
+    eps_trained, eps_target = seen["loss"]
+    assert eta == 1.5 and not torch.equal(eps_anchor, eps_concept)
+    torch.testing.assert_close(eps_target, eps_anchor - 1.5 * (eps_concept - eps_anchor))
+    # before the first step the trained copy is the original: its prediction is the frozen eps_c
+    torch.testing.assert_close(eps_trained, eps_concept)
+
+
+def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(esd, "esd_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True))
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="NaN"):
+        esd.main(["--model", "toy", "--concept", "red", "--iterations", "1", "--output", str(out), *TINY])
+    assert not out.exists()
+
+
+def test_sd_interface_one_iteration(sd_like_path, tmp_path):
+    """One step on the SD-v1.4-interface model with the SD defaults (ESD-u for an object, lr 1e-5, eta 1)."""
+    out = tmp_path / "esd-church"
+    esd.main(["--model", str(sd_like_path), "--concept", "church", "--iterations", "1", "--ddim_steps", "2",
+              "--samples", "a church", "--output", str(out), "--device", "cpu"])
+    unet = common.load_pipeline(str(sd_like_path), device="cpu").unet
+    keys = set(load_file(out / "erased.safetensors"))
+    assert keys and keys <= group(unet, "noxattn")
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_method"] == "noxattn" and config["args"]["lr"] == 1e-5
+    assert config["args"]["negative_guidance"] == 1.0 and config["args"]["start_guidance"] == 3.0
