@@ -9,7 +9,7 @@ def test_quick_benchmark_writes_a_table_per_concept_and_a_figure(tmp_path):
     text = (tmp_path / "RESULTS_quick.md").read_text()
     assert "## circle" in text and "torch" in text and "seeds" in text  # machine, versions and seeds recorded
     rows = re.findall(r"^\| (.+?) \|", text, flags=re.M)
-    assert rows[2:] == ["original model", "ESD", "UCE", "SAGE", "RealEra", "DoCo", "S-GRACE"]
+    assert rows[0] == "model" and rows[1:] == ["original model", "ESD", "UCE", "SAGE", "RealEra", "DoCo", "S-GRACE"]
     for line in text.splitlines():
         if line.startswith("| ESD") or line.startswith("| S-GRACE"):
             cells = [c.strip() for c in line.strip("|").split("|")]
