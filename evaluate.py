@@ -281,27 +281,26 @@ def pixel_distance(original, erased) -> float:
 # ---------------------------------------------------------------------------------------------
 # Erased models: applied onto the one base pipeline, then restored
 # ---------------------------------------------------------------------------------------------
+def swap(pipe, state: dict) -> dict:
+    """Put `state` ('unet.<name>' / 'text_encoder.<name>' -> tensor) into the pipeline's parameters; return
+    the values it replaced, so that swap(pipe, swap(pipe, state)) restores the pipeline exactly."""
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    replaced = {}
+    with torch.no_grad():
+        for key, value in state.items():
+            part, name = key.split(".", 1)
+            param = dict(parts[part].named_parameters())[name]
+            replaced[key] = param.detach().clone()
+            param.copy_(value)
+    return replaced
+
+
 def apply_erased(pipe, folder) -> dict:
-    """Apply an erased model's tensors onto `pipe`; returns the original tensors they replaced."""
-    from safetensors.torch import safe_open
+    """Apply an erased model's tensors onto `pipe` (its base model is checked in main); returns the original
+    tensors they replaced, for swap() to put back."""
+    from safetensors.torch import load_file
 
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    with safe_open(str(Path(folder) / "erased.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    backup = {}
-    for key in keys:
-        part, name = key.split(".", 1)
-        backup[key] = dict(parts[part].named_parameters())[name].detach().clone()
-    common.load_erased(pipe, folder)
-    return backup
-
-
-@torch.no_grad()
-def restore(pipe, backup: dict):
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    for key, value in backup.items():
-        part, name = key.split(".", 1)
-        dict(parts[part].named_parameters())[name].copy_(value)
+    return swap(pipe, load_file(Path(folder) / "erased.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,19 +401,6 @@ def attack_success_rate(hits: list, recovered: int) -> dict:
     ASR = (those + prompts the attack recovered) / judged prompts (None = no judge for that prompt)."""
     scored = [h for h in hits if h is not None]
     return dict(pre_asr=pct(sum(scored), len(scored)), asr=pct(sum(scored) + recovered, len(scored)))
-
-
-def swap(pipe, state: dict) -> dict:
-    """Put `state` (key -> tensor, as from apply_erased) into the pipeline; return what it replaced."""
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    replaced = {}
-    with torch.no_grad():
-        for key, value in state.items():
-            part, name = key.split(".", 1)
-            param = dict(parts[part].named_parameters())[name]
-            replaced[key] = param.detach().clone()
-            param.copy_(value)
-    return replaced
 
 
 def pct(n, d):
@@ -539,7 +525,7 @@ def main(argv=None):
         backup = apply_erased(pipe, folder)
         name = f"{config['method']} ({Path(folder).name})"
         r = evaluate_model(pipe, suites, args, judge, results[0], backup, name)
-        restore(pipe, backup)
+        swap(pipe, backup)  # the original model again
         r.update(seconds=config.get("seconds"), peak_memory_mb=config.get("peak_memory_mb"), folder=str(folder))
         results.append(r)
     seconds = round(time.time() - start, 1)

@@ -12,16 +12,6 @@ import common
 import domain_correction as dc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs are many small convolutions: one thread is as fast as two on a free 2-core machine and
-    ten times faster on a busy one (oversubscribed threads), so this module runs on one, then restores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kv_names(unet) -> set[str]:
     return {f"unet.{n}" for n, _ in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
 

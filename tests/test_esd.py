@@ -9,16 +9,6 @@ import common
 import esd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small convolutions: one thread is as fast as two on a free 2-core machine and much faster on
-    a busy one, so this module runs on one, then restores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def group(unet, train_method) -> set[str]:
     in_group = esd.esd_parameter_group(train_method)
     return {f"unet.{n}" for n, _ in unet.named_parameters() if in_group(n)}

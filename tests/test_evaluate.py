@@ -12,14 +12,6 @@ import evaluate
 import uce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_frechet_distance_matches_closed_forms():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 3))
@@ -167,7 +159,7 @@ def test_apply_and_restore_are_exact(toy, tmp_path):
     before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
     backup = evaluate.apply_erased(toy, tmp_path / "uce")
     assert any(not torch.equal(before[k.split(".", 1)[1]], toy.unet.state_dict()[k.split(".", 1)[1]]) for k in backup)
-    evaluate.restore(toy, backup)
+    evaluate.swap(toy, backup)
     assert all(torch.equal(before[k], v) for k, v in toy.unet.state_dict().items())
 
 

@@ -10,16 +10,6 @@ import common
 import realera
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices and convolutions: one thread is as fast as two on a free 2-core machine and much
-    faster on a busy one, so this module runs on one, then restores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kv_names(unet) -> set[str]:
     return {f"unet.{n}" for n, _ in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
 

@@ -11,16 +11,6 @@ import common
 import sage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small convolutions: one thread is as fast as two on a free 2-core machine and much faster on
-    a busy one, so this module runs on one, then restores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def transformer_names(text_encoder) -> set[str]:
     return {f"text_encoder.{n}" for n, _ in text_encoder.named_parameters() if sage.transformer_weights(n)}
 

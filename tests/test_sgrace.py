@@ -11,15 +11,6 @@ import common
 import sgrace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is as fast as two here and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_args(**overrides):
     argv = ["--model", "toy", "--concept", "circle", "--device", "cpu"]
     for key, value in overrides.items():

@@ -9,16 +9,6 @@ import common
 import uce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices and convolutions: one thread is as fast as two on a free 2-core machine and much
-    faster on a busy one, so this module runs on one, then restores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_system(d_out=6, d_in=10, n=3, m=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(d_out, d_in, generator=gen), torch.randn(n, d_in, generator=gen),
