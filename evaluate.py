@@ -55,7 +55,7 @@ class Args:
     steps: int | None = None
     """DDIM steps (default: 25 toy, 50 SD; ESD/UCE's I2P protocol uses 100)"""
     guidance: float | None = None
-    """classifier-free guidance (default: 5 toy, 7.5 SD); a `guidance` column in --prompts overrides it per row"""
+    """classifier-free guidance (default: 3 toy, 7.5 SD); a `guidance` column in --prompts overrides it per row"""
     prompts: str | None = None
     """CSV with a `prompt` column (optional `seed`, `guidance`), e.g. I2P or UnlearnDiffAtk files: replaces the efficacy suite"""
     attack: bool = True

@@ -194,13 +194,13 @@ class Judge(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-def load_judge(device="cpu") -> Judge:
+def load_judge(device="cpu", folder: Path = JUDGE_DIR) -> Judge:
     from safetensors.torch import load_file
 
-    if not (JUDGE_DIR / "judge.safetensors").exists():
-        raise SystemExit(f"error: the miniature world's judge is missing from {JUDGE_DIR}; run `python toyworld.py`.")
+    if not (Path(folder) / "judge.safetensors").exists():
+        raise SystemExit(f"error: the miniature world's judge is missing from {folder}; run `python toyworld.py`.")
     judge = Judge()
-    judge.load_state_dict(load_file(JUDGE_DIR / "judge.safetensors"))
+    judge.load_state_dict(load_file(Path(folder) / "judge.safetensors"))
     return judge.eval().requires_grad_(False).to(device)
 
 
@@ -353,9 +353,11 @@ def train_diffusion(vae, text_encoder, unet, tokenizer, scheduler, steps, batch,
 # ----------------------------------------------------------------------------------------------
 # Acceptance measurements
 # ----------------------------------------------------------------------------------------------
-def generator_accuracy(pipe, judge, words: str, seeds: int, steps: int, guidance: float) -> dict:
+def generator_accuracy(pipe, judge, words: str, seeds: int, steps: int, guidance: float, first_seed: int = 0) -> dict:
     """Judge images for every (colour, object) pair, 'a {colour} {object}' with canonical words
-    (words='canonical'), or with every synonym and held-out word in turn (words='synonyms')."""
+    (words='canonical'), or with every synonym and held-out word in turn (words='synonyms'), with seeds
+    first_seed .. first_seed + seeds - 1 (the acceptance figures use 0..; choices such as the guidance
+    scale were made on other seeds)."""
     import common
 
     prompts, truth = [], []
@@ -370,7 +372,7 @@ def generator_accuracy(pipe, judge, words: str, seeds: int, steps: int, guidance
             for ow_, cw_ in pairs:
                 prompts += [f"a {cw_} {ow_}"] * seeds
                 truth += [(o, c)] * seeds
-    seed_list = [s % seeds for s in range(len(prompts))]
+    seed_list = [first_seed + s % seeds for s in range(len(prompts))]
     images = common.generate(pipe, prompts, seed_list, steps=steps, guidance=guidance, desc=f"judge {words}")
     pred = judge_images(judge, images)
     obj_acc = float(np.mean([p == t[0] for p, t in zip(pred["object"], truth)]))
@@ -411,9 +413,15 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="U-Net learning rate")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="where to train (the committed model was built on a CPU)")
+    parser.add_argument("--check", action="store_true",
+                        help="no training: re-measure the acceptance figures of the build in --output (e.g. after a "
+                             "change of the sampling defaults) and update its build_log.json and sample grid")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.check:
+        log = json.loads((args.output / "toy_judge" / "build_log.json").read_text())
+        return acceptance(args.output, args.eval_seeds, args.device, log, time.time() - log.get("train_seconds", 0))
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
@@ -462,20 +470,31 @@ def main():
                                                       "background": BACKGROUNDS}, indent=1))
     common.atomic_save_dir(out_judge, write_judge)
 
-    # Acceptance figures, measured on the saved and reloaded pipeline.
-    pipe = common.load_pipeline(str(out_pipe), device=device)
-    judge = judge.to(device)
-    steps, guidance = common.TOY_SAMPLING["steps"], common.TOY_SAMPLING["guidance"]
-    if args.eval_seeds == 0:  # tests: build only
-        return
-    log["generator_canonical"] = generator_accuracy(pipe, judge, "canonical", args.eval_seeds, steps, guidance)
-    log["generator_synonyms"] = generator_accuracy(pipe, judge, "synonyms", max(1, args.eval_seeds // 4), steps, guidance)
-    log["synonym_cosines"] = synonym_cosines(pipe)
-    log["total_seconds"] = round(time.time() - start, 1)
     (out_judge / "build_log.json").write_text(json.dumps(log, indent=1))
+    if args.eval_seeds:  # 0 (tests): build only; `--check` can measure later
+        acceptance(args.output, args.eval_seeds, device, log, start)
+
+
+def acceptance(out: Path, eval_seeds: int, device: str, log: dict, start: float):
+    """The spec's acceptance figures, measured on the saved and reloaded pipeline (out/toy, out/toy_judge) at
+    the miniature model's sampling defaults; written into out/toy_judge/build_log.json, with the sample grid."""
+    import common
+
+    t0 = time.time()
+    pipe, judge = common.load_pipeline(str(out / "toy"), device=device), load_judge(device, out / "toy_judge")
+    steps, guidance = common.TOY_SAMPLING["steps"], common.TOY_SAMPLING["guidance"]
+    log["acceptance_sampling"] = {"steps": steps, "guidance": guidance, "seeds": f"0..{eval_seeds - 1}"}
+    log["generator_canonical"] = generator_accuracy(pipe, judge, "canonical", eval_seeds, steps, guidance)
+    log["generator_synonyms"] = generator_accuracy(pipe, judge, "synonyms", max(1, eval_seeds // 4), steps, guidance)
+    log["synonym_cosines"] = synonym_cosines(pipe)
+    log["acceptance_seconds"] = round(time.time() - t0, 1)
+    log["total_seconds"] = round(time.time() - start, 1)
+    tmp = out / "toy_judge" / "build_log.json.tmp"
+    tmp.write_text(json.dumps(log, indent=1))
+    tmp.replace(out / "toy_judge" / "build_log.json")
     print(json.dumps({k: v for k, v in log.items() if k != "synonym_cosines"}, indent=1))
 
-    docs = HERE / "docs" / "img" if args.output == HERE / "assets" else args.output
+    docs = HERE / "docs" / "img" if out == HERE / "assets" else out
     docs.mkdir(parents=True, exist_ok=True)
     sample_grid(pipe, steps, guidance).save(docs / "toy_samples.png")
 
