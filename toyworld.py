@@ -420,8 +420,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.check:
+        if not args.eval_seeds:
+            parser.error("--check needs --eval_seeds of 1 or more")
         log = json.loads((args.output / "toy_judge" / "build_log.json").read_text())
-        return acceptance(args.output, args.eval_seeds, args.device, log, time.time() - log.get("train_seconds", 0))
+        return acceptance(args.output, args.eval_seeds, args.device, log)
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
@@ -468,14 +470,14 @@ def main():
         save_file(judge.state_dict(), tmp / "judge.safetensors")
         (tmp / "classes.json").write_text(json.dumps({"object": OBJECTS, "colour": COLOURS, "size": SIZES,
                                                       "background": BACKGROUNDS}, indent=1))
+        (tmp / "build_log.json").write_text(json.dumps(log, indent=1))
     common.atomic_save_dir(out_judge, write_judge)
 
-    (out_judge / "build_log.json").write_text(json.dumps(log, indent=1))
     if args.eval_seeds:  # 0 (tests): build only; `--check` can measure later
-        acceptance(args.output, args.eval_seeds, device, log, start)
+        acceptance(args.output, args.eval_seeds, device, log)
 
 
-def acceptance(out: Path, eval_seeds: int, device: str, log: dict, start: float):
+def acceptance(out: Path, eval_seeds: int, device: str, log: dict):
     """The spec's acceptance figures, measured on the saved and reloaded pipeline (out/toy, out/toy_judge) at
     the miniature model's sampling defaults; written into out/toy_judge/build_log.json, with the sample grid."""
     import common
@@ -488,7 +490,7 @@ def acceptance(out: Path, eval_seeds: int, device: str, log: dict, start: float)
     log["generator_synonyms"] = generator_accuracy(pipe, judge, "synonyms", max(1, eval_seeds // 4), steps, guidance)
     log["synonym_cosines"] = synonym_cosines(pipe)
     log["acceptance_seconds"] = round(time.time() - t0, 1)
-    log["total_seconds"] = round(time.time() - start, 1)
+    log["total_seconds"] = round(log["train_seconds"] + log["acceptance_seconds"], 1)
     tmp = out / "toy_judge" / "build_log.json.tmp"
     tmp.write_text(json.dumps(log, indent=1))
     tmp.replace(out / "toy_judge" / "build_log.json")

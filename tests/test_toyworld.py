@@ -3,8 +3,6 @@ import json
 import sys
 
 import numpy as np
-import pytest
-import torch
 
 import common
 import toyworld
@@ -14,10 +12,10 @@ def test_committed_judge_reads_fresh_renders():
     rng = np.random.default_rng(123)
     factors = toyworld.random_factors(rng, 300)
     pred = toyworld.judge_images(toyworld.load_judge(), toyworld.render_batch(factors, rng))
-    for i, k in enumerate(["object", "colour", "size", "background"]):
-        names = {"object": toyworld.OBJECTS, "colour": toyworld.COLOURS, "size": toyworld.SIZES,
-                 "background": toyworld.BACKGROUNDS}[k]
-        acc = np.mean([p == names[t] for p, t in zip(pred[k], factors[:, i])])
+    names = {"object": toyworld.OBJECTS, "colour": toyworld.COLOURS, "size": toyworld.SIZES,
+             "background": toyworld.BACKGROUNDS}
+    for i, k in enumerate(names):
+        acc = np.mean([p == names[k][t] for p, t in zip(pred[k], factors[:, i])])
         assert acc >= 0.98, (k, acc)
 
 
