@@ -9,6 +9,7 @@ Every method file imports only this.  Conventions used throughout:
   `text_encoder.`), `config.json` and `samples.png`.
 """
 import ast
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -21,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import time
 import typing
 from pathlib import Path
 
@@ -34,6 +36,7 @@ TOY_DIR = HERE / "assets" / "toy"
 SD14 = "CompVis/stable-diffusion-v1-4"
 TOY_SAMPLING = {"steps": 25, "guidance": 3.0}  # guidance chosen on held-apart seeds: docs/toyworld.md
 SD_SAMPLING = {"steps": 50, "guidance": 7.5}
+SD_GENERATE_BATCH = 8  # images per sampling batch at SD scale (16 U-Net rows with guidance), measured to fit 24 GB
 FORMAT = "concept-erasure/1"
 
 
@@ -138,7 +141,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def sampling_defaults(pipe) -> dict:
-    return TOY_SAMPLING if pipe.base_model == "toy" else SD_SAMPLING
+    """DDIM steps and guidance for pictures; `pipe.sample_steps` (a method's --sample_steps) overrides the steps."""
+    defaults = dict(TOY_SAMPLING if pipe.base_model == "toy" else SD_SAMPLING)
+    if getattr(pipe, "sample_steps", None):
+        defaults["steps"] = pipe.sample_steps
+    return defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
     size = pipe.unet.config.sample_size
     shape = (pipe.unet.config.in_channels, size, size)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(noise).to(pipe.device, pipe.unet.dtype)
+    return torch.stack(noise).to(pipe.device)  # float32; autocast(pipe) runs half-precision models on it
 
 
 def ddim_timesteps(pipe, steps: int) -> torch.Tensor:
@@ -258,10 +265,16 @@ def sample_until(pipe, cond, uncond, seeds: list[int], steps: int, stop: int, gu
     return latents, int(ddim_timesteps(pipe, steps)[stop])
 
 
-def decode(pipe, latents) -> list[Image.Image]:
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(im) for im in images]
+def decode(pipe, latents, batch_size: int = 4) -> list[Image.Image]:
+    """PIL images of latents [B, 4, h, w], decoded `batch_size` at a time (VAE slicing: at 512 x 512 the
+    decoder's activations take ~1.5 GB per image in fp32, so 32 at once would not fit a 24 GB card)."""
+    out = []
+    for i in range(0, len(latents), batch_size):
+        chunk = latents[i:i + batch_size].to(pipe.vae.dtype)
+        images = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor).sample
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        out += [Image.fromarray(im) for im in images]
+    return out
 
 
 @torch.no_grad()
@@ -270,14 +283,17 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int | None = Non
     """Images for prompts (or for precomputed context `embeds` [B, L, D]), one seed each."""
     steps = steps or sampling_defaults(pipe)["steps"]
     guidance = sampling_defaults(pipe)["guidance"] if guidance is None else guidance
-    uncond_one = encode(pipe, [""], text_encoder)
+    batch_size = batch_size if pipe.base_model == "toy" else min(batch_size, SD_GENERATE_BATCH)
+    with autocast(pipe):
+        uncond_one = encode(pipe, [""], text_encoder)
     images = []
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc, disable=not progress, leave=False):
         n = len(seeds[i:i + batch_size])
-        cond = embeds[i:i + n] if embeds is not None else encode(pipe, prompts[i:i + n], text_encoder)
-        latents = denoise(pipe, initial_latents(pipe, seeds[i:i + n]), cond, uncond_one.expand(n, -1, -1),
-                          steps, guidance, unet=unet)
-        images += decode(pipe, latents)
+        with autocast(pipe):
+            cond = embeds[i:i + n] if embeds is not None else encode(pipe, prompts[i:i + n], text_encoder)
+            latents = denoise(pipe, initial_latents(pipe, seeds[i:i + n]), cond, uncond_one.expand(n, -1, -1),
+                              steps, guidance, unet=unet)
+        images += decode(pipe, latents.float())
     return images
 
 
@@ -332,6 +348,21 @@ def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: t
     return torch.linalg.solve(gram, rhs.T).T.to(W.dtype)
 
 
+def rowwise_backward(loss_of_rows, x: torch.Tensor, chunk: int):
+    """Value and gradient of a loss that is a *sum over the rows* of x [B, ...], computed `chunk` rows at a
+    time so that only one chunk's graph is in memory (e.g. rows through the U-Net at 512 x 512).
+    `loss_of_rows(x_rows, rows)` gets a slice of x (a leaf that requires grad) and the slice object.
+    Returns (loss, d loss / d x), both detached; callers push the gradient on with
+    `(x * grad).sum().backward()` (or x.backward(grad)). Same value and gradient as one pass, up to
+    float summation order (tests/test_common.py checks it against autograd on the whole batch)."""
+    leaf, total = x.detach().requires_grad_(True), torch.zeros((), device=x.device)
+    for i in range(0, len(x), chunk):
+        part = loss_of_rows(leaf[i:i + chunk], slice(i, i + chunk))
+        part.backward()
+        total = total + part.detach().float()
+    return total, leaf.grad if leaf.grad is not None else torch.zeros_like(x)
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -347,6 +378,70 @@ def peak_memory_mb(device) -> float:
         return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
     except (OSError, IndexError, ValueError):
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and cost: half-precision frozen parts, per-phase peak memory, seconds per iteration
+# ---------------------------------------------------------------------------------------------
+HALF = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def set_mixed_precision(pipe, mixed_precision: str):
+    """--mixed_precision as diffusers' training examples do it: the *frozen* components (pipe.vae,
+    pipe.text_encoder, pipe.unet) are cast to fp16/bf16, while trained copies (made before this call) keep
+    fp32 weights and optimizer state; forward passes run under `autocast(pipe)`. Returns a GradScaler,
+    enabled for fp16 on CUDA only (bf16 needs none; on a CPU fp16 kernels are ~200x slower than bf16).
+    Raises SystemExit for an unknown value."""
+    if mixed_precision not in HALF:
+        die(f"--mixed_precision must be one of {', '.join(HALF)}, not '{mixed_precision}'.")
+    pipe.mixed_precision = mixed_precision
+    if HALF[mixed_precision] is not None:
+        for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+            part.to(HALF[mixed_precision])
+    return torch.amp.GradScaler(pipe.device.type, enabled=mixed_precision == "fp16" and pipe.device.type == "cuda")
+
+
+def autocast(pipe):
+    """torch.autocast in the pipeline's --mixed_precision dtype (a no-op at full precision)."""
+    dtype = HALF[getattr(pipe, "mixed_precision", "no")]
+    return torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def reset_peak_memory(device):
+    """Start a new peak: torch's counter on CUDA, the process's VmHWM on Linux (/proc/self/clear_refs)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+@contextlib.contextmanager
+def phase(profile: dict, name: str, device):
+    """Record the peak memory (MB, `peak_memory_mb`) and seconds of the enclosed block as profile[name]."""
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    yield
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    profile[name] = dict(peak_memory_mb=peak_memory_mb(device), seconds=round(time.perf_counter() - start, 2))
+
+
+def profile_peak(profile: dict) -> float:
+    """The highest peak memory (MB) over a profile's phases."""
+    return max(v["peak_memory_mb"] for v in profile.values() if isinstance(v, dict))
+
+
+def timed(iterable, profile: dict, device):
+    """Yield from `iterable`, appending each iteration's wall-clock seconds to profile['iteration_seconds']."""
+    times = profile.setdefault("iteration_seconds", [])
+    for item in iterable:
+        start = time.perf_counter()
+        yield item
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(round(time.perf_counter() - start, 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,10 +474,18 @@ def before_after(pipe, prompts: list[str], seeds: list[int], unet=None, text_enc
 # The erased-model format
 # ---------------------------------------------------------------------------------------------
 def changed_tensors(prefix: str, trained: torch.nn.Module, original: torch.nn.Module) -> dict:
-    """Parameters of `trained` that differ from `original`, keyed '<prefix>.<name>'."""
+    """Parameters of `trained` that differ from `original`, keyed '<prefix>.<name>'. Where --mixed_precision
+    has cast `original` to half precision, a trained (requires_grad) parameter counts as changed (an update
+    below half precision's resolution is still a change) and any other is compared after the same cast."""
     reference = dict(original.named_parameters())
+
+    def changed(p, ref):
+        if p.dtype == ref.dtype:
+            return not torch.equal(p.detach(), ref)
+        return p.requires_grad or not torch.equal(p.detach().to(ref.dtype), ref)
+
     return {f"{prefix}.{name}": p.detach().cpu().contiguous() for name, p in trained.named_parameters()
-            if not torch.equal(p.detach(), reference[name].detach())}
+            if changed(p, reference[name].detach())}
 
 
 def atomic_save_dir(out: Path, write) -> Path:

@@ -111,6 +111,11 @@ class Args:
     """global gradient-norm clip of the U-Net update (official: 1)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, trained weights and their
+    optimizer state in fp32 (as diffusers' training examples do)"""
     seed: int = 42
     """random seed (official: 42)"""
     device: str | None = None

@@ -65,6 +65,15 @@ class Args:
     paper's text: the frozen original)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, the trained U-Net and its
+    Adam state in fp32 (diffusers' training examples). ESD-u trains all 860 M U-Net weights with Adam: 14 GB of
+    weights, gradients and Adam state in fp32 whatever this flag says (docs/esd.md)"""
+    gradient_checkpointing: bool = False
+    """recompute the trained U-Net's activations in the backward pass instead of storing them (less memory,
+    ~30 % more time per step; same gradients)"""
     seed: int = 0
     """random seed"""
     device: str | None = None
@@ -129,46 +138,54 @@ def main(argv=None):
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
 
-    with torch.no_grad():
+    with common.phase(profile, "caching", pipe.device), torch.no_grad():
         word_emb = {w: common.encode(pipe, [w]) for w in words}  # [1, L, D] each
         uncond_emb, anchor_emb = common.encode(pipe, [""]), common.encode(pipe, [args.anchor])
     unet = common.trainable_copy(pipe.unet, in_group)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     n = args.batch_size
 
     bar = tqdm(range(args.iterations), desc=f"ESD-{train_method}")
-    for step in bar:
-        word = rng.choice(words)
-        concept_emb = word_emb[word].expand(n, -1, -1)
-        stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
-        seeds = [rng.randrange(2**31) for _ in range(n)]
-        with torch.no_grad():
-            x_t, t = common.sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
-                                         stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
-            eps_concept = pipe.unet(x_t, t, encoder_hidden_states=concept_emb).sample
-            eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor_emb.expand(n, -1, -1)).sample
-            eps_target = esd_target(eps_anchor, eps_concept, args.negative_guidance)
-        loss = esd_loss(unet(x_t, t, encoder_hidden_states=concept_emb).sample, eps_target)
-        if not torch.isfinite(loss):
-            common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", t=t, word=word)
+    with common.phase(profile, "training", pipe.device):
+        for step in common.timed(bar, profile, pipe.device):
+            word = rng.choice(words)
+            concept_emb = word_emb[word].expand(n, -1, -1)
+            stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
+            seeds = [rng.randrange(2**31) for _ in range(n)]
+            with torch.no_grad(), common.autocast(pipe):
+                x_t, t = common.sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
+                                             stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
+                eps_concept = pipe.unet(x_t, t, encoder_hidden_states=concept_emb).sample
+                eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor_emb.expand(n, -1, -1)).sample
+                eps_target = esd_target(eps_anchor, eps_concept, args.negative_guidance)
+            with common.autocast(pipe):
+                loss = esd_loss(unet(x_t, t, encoder_hidden_states=concept_emb).sample, eps_target)
+            if not torch.isfinite(loss):
+                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", t=t, word=word)
 
     unet.eval()
     seconds = time.time() - start  # the erasure itself, not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [info["templates"][1].format(args.anchor)] if args.anchor.strip() else [])
-    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "esd", args, pipe.base_model, seconds, samples,
                                extra=dict(train_method=train_method, words=words, trained_tensors=len(params),
-                                          peak_memory_mb=common.peak_memory_mb(pipe.device)))
+                                          peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} (ESD-{train_method}, {len(tensors)} of {len(params)} trained tensors changed)")
 
 

@@ -124,6 +124,11 @@ class Args:
     eps_theta) or 'original' (the frozen original model)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, trained weights and their
+    optimizer state in fp32 (as diffusers' training examples do)"""
     seed: int = 0
     """random seed (perturbations, trajectories, LoRA initialisation)"""
     device: str | None = None

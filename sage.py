@@ -112,11 +112,19 @@ class Args:
     keep_uncond: bool = True
     """also preserve the prediction for the empty prompt, which the erased encoder also encodes at sampling
     time (inferred)"""
+    unet_batch: int = 4
+    """U-Net rows (prompts x latents) per forward/backward chunk of Eqs. 5 and 7; the gradient is accumulated
+    over chunks, so this changes memory, not the result (4 fits SD v1.4 on a 24 GB GPU)"""
     pooling: str = "eot"
     """pooled text feature: 'eot' (end-of-text token's final hidden state, projected where the encoder has a
     projection) or 'mean' (mean over the tokens up to it) (inferred)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, trained weights and their
+    optimizer state in fp32 (as diffusers' training examples do)"""
     seed: int = 0
     """random seed"""
     device: str | None = None
@@ -125,7 +133,7 @@ class Args:
 
 # --model toy: sized for about 2-3 minutes on 2 CPU cores.
 TOY_DEFAULTS = dict(iterations=200, lr=3e-4, ddim_steps=common.TOY_SAMPLING["steps"], warm_up=40,
-                    global_batch=64, local_batch=3, local_pool=64)
+                    global_batch=64, local_batch=3, local_pool=64, unet_batch=64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +273,16 @@ def local_retention_loss(eps_trained, eps_original):
     return F.mse_loss(eps_trained.float(), eps_original.float())
 
 
+def unet_loss(loss_fn, unet, z_t, t, context, target, unet_batch: int):
+    """loss_fn(U(z_t, t, context), target), a mean over rows [B, ...] (Eqs. 5 and 7), and its gradient
+    w.r.t. the trained encoder's `context` [B, L, D], computed `unet_batch` rows at a time (each chunk's
+    mean weighted by its share of the rows). Returns (loss, grad), detached."""
+    def chunk_loss(context_rows, rows):
+        eps = unet(z_t[rows], t, encoder_hidden_states=context_rows).sample
+        return loss_fn(eps, target[rows]) * len(context_rows) / len(context)
+    return common.rowwise_backward(chunk_loss, context, unet_batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # main: cache the frozen things, then cycles of self-check and self-erasure with retention
 # ---------------------------------------------------------------------------------------------
@@ -288,117 +306,126 @@ def main(argv=None):
     common.seed_everything(args.seed)
     rng, noise_gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
 
-    frozen = pipe.text_encoder  # E_0; everything it computes is cached here, once
-    with torch.no_grad():
-        ids = {w: common.tokenize(pipe, [w]) for w in words}  # [1, L]
-        eos = {w: common.eos_index(pipe, ids[w]) for w in words}  # [1]
-        positions = torch.arange(ids[words[0]].shape[1], device=pipe.device)
-        content = {w: (positions >= 1) & (positions < eos[w]) for w in words}  # the word's own tokens, [L]
-        concept_embeds = {w: token_embeddings(frozen, ids[w]) for w in words}  # e = emb(c), [1, L, D]
-        concept_ctx = {w: frozen(ids[w])[0] for w in words}  # E_0(c), [1, L, D]
-        concept_feature = {w: pool(frozen, concept_ctx[w], eos[w], args.pooling) for w in words}  # pool(E_0(c))
-        uncond_ctx = common.encode(pipe, [""])  # E_0(""), [1, L, D]
-    retain_words, retain_features, local_words, local_ctx, nearest = [], None, [], None, None
-    if args.global_retention or args.local_retention:
-        retain_words, retain_features = irrelevant_concepts(pipe, words, args.global_candidates, args.global_exclude,
-                                                            args.pooling, rng)
-        # tau is a cosine threshold, so how similar unrelated words are under this encoder says where it should sit
-        nearest = float(F.cosine_similarity(retain_features, concept_feature[words[0]], dim=-1).max())
-        if args.self_check and nearest > args.tau:
-            print(f"note: the irrelevant word nearest to '{words[0]}' has similarity {nearest:.2f} > --tau {args.tau}; "
-                  f"the self-check may accept samples outside the concept domain (raise --tau).")
-    if args.local_retention:
-        local_words = [""] if args.keep_uncond else []
-        local_words += rng.sample(retain_words, min(args.local_pool, len(retain_words)))
+    with common.phase(profile, "caching", pipe.device):
+        frozen = pipe.text_encoder  # E_0; everything it computes is cached here, once
         with torch.no_grad():
-            local_ctx = common.encode(pipe, local_words)  # E_0(r), [N_l, L, D]
+            ids = {w: common.tokenize(pipe, [w]) for w in words}  # [1, L]
+            eos = {w: common.eos_index(pipe, ids[w]) for w in words}  # [1]
+            positions = torch.arange(ids[words[0]].shape[1], device=pipe.device)
+            content = {w: (positions >= 1) & (positions < eos[w]) for w in words}  # the word's own tokens, [L]
+            concept_embeds = {w: token_embeddings(frozen, ids[w]) for w in words}  # e = emb(c), [1, L, D]
+            concept_ctx = {w: frozen(ids[w])[0] for w in words}  # E_0(c), [1, L, D]
+            concept_feature = {w: pool(frozen, concept_ctx[w], eos[w], args.pooling) for w in words}  # pool(E_0(c))
+            uncond_ctx = common.encode(pipe, [""])  # E_0(""), [1, L, D]
+        retain_words, retain_features, local_words, local_ctx, nearest = [], None, [], None, None
+        if args.global_retention or args.local_retention:
+            retain_words, retain_features = irrelevant_concepts(pipe, words, args.global_candidates, args.global_exclude,
+                                                                args.pooling, rng)
+            # tau is a cosine threshold, so how similar unrelated words are under this encoder says where it should sit
+            nearest = float(F.cosine_similarity(retain_features, concept_feature[words[0]], dim=-1).max())
+            if args.self_check and nearest > args.tau:
+                print(f"note: the irrelevant word nearest to '{words[0]}' has similarity {nearest:.2f} > --tau {args.tau}; "
+                      f"the self-check may accept samples outside the concept domain (raise --tau).")
+        if args.local_retention:
+            local_words = [""] if args.keep_uncond else []
+            local_words += rng.sample(retain_words, min(args.local_pool, len(retain_words)))
+            with torch.no_grad():
+                local_ctx = common.encode(pipe, local_words)  # E_0(r), [N_l, L, D]
 
     text_encoder = common.trainable_copy(frozen, transformer_weights)  # E_theta
+    scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: E_theta stays fp32
     params = [p for p in text_encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     buffer = collections.deque(maxlen=args.buffer_size)  # accepted boundary samples: (word, soft prompt [1, L, D])
     searches = accepted = 0
     n = args.batch_size
 
-    bar = tqdm(range(args.iterations), desc="SAGE")
-    for step in bar:
-        word = rng.choice(words)
-        logs = {}
-        if args.self_check and step >= args.warm_up and (step - args.warm_up) % args.check_every == 0:
-            # Eqs. 1-2, cyclic: the search starts inside the domain, from the newest accepted sample of this word
-            start_from = next((p for w, p in reversed(buffer) if w == word), concept_embeds[word])
-            candidate = boundary_search(text_encoder, start_from, concept_embeds[word], content[word], eos[word],
-                                        concept_feature[word], args.beta, args.delta, args.search_steps,
-                                        args.step_size, args.init_noise, args.pooling, noise_gen)
-            ok, similarity = self_check(text_encoder, candidate, eos[word], concept_feature[word], args.tau,
-                                        args.pooling)
-            searches, accepted = searches + 1, accepted + ok
-            if ok:
-                buffer.append((word, candidate))
-            logs.update(sim=f"{similarity:.3f}", buffer=len(buffer))
+    with common.phase(profile, "training", pipe.device), common.autocast(pipe):
+        bar = tqdm(range(args.iterations), desc="SAGE")
+        for step in common.timed(bar, profile, pipe.device):
+            word = rng.choice(words)
+            logs = {}
+            if args.self_check and step >= args.warm_up and (step - args.warm_up) % args.check_every == 0:
+                # Eqs. 1-2, cyclic: the search starts inside the domain, from the newest accepted sample of this word
+                start_from = next((p for w, p in reversed(buffer) if w == word), concept_embeds[word])
+                candidate = boundary_search(text_encoder, start_from, concept_embeds[word], content[word], eos[word],
+                                            concept_feature[word], args.beta, args.delta, args.search_steps,
+                                            args.step_size, args.init_noise, args.pooling, noise_gen)
+                ok, similarity = self_check(text_encoder, candidate, eos[word], concept_feature[word], args.tau,
+                                            args.pooling)
+                searches, accepted = searches + 1, accepted + ok
+                if ok:
+                    buffer.append((word, candidate))
+                logs.update(sim=f"{similarity:.3f}", buffer=len(buffer))
 
-        stop = rng.randrange(args.ddim_steps)  # Eq. 3
-        seeds = [rng.randrange(2**31) for _ in range(n)]
-        with torch.no_grad():
-            z_t, t = common.sample_until(pipe, concept_ctx[word].expand(n, -1, -1), uncond_ctx.expand(n, -1, -1), seeds,
-                                         args.ddim_steps, stop, args.start_guidance)
-            eps_uncond = pipe.unet(z_t, t, encoder_hidden_states=uncond_ctx.expand(n, -1, -1)).sample
-            eps_concept = pipe.unet(z_t, t, encoder_hidden_states=concept_ctx[word].expand(n, -1, -1)).sample
-            eps_target = negative_guidance_target(eps_uncond, eps_concept, args.negative_guidance)  # Eq. 4
-
-        # Eq. 5 on the word and a few of its boundary samples; row j*n + i is prompt j with latent i
-        boundary = [p for w, p in buffer if w == word]
-        prompts = torch.cat([concept_embeds[word], *rng.sample(boundary, min(args.boundary_per_step, len(boundary)))])
-        context = common.text_forward(text_encoder, prompts).repeat_interleave(n, 0)
-        k = len(prompts)
-        eps_trained = pipe.unet(z_t.repeat(k, 1, 1, 1), t, encoder_hidden_states=context).sample
-        loss_erase = self_erasure_loss(eps_trained, eps_target.repeat(k, 1, 1, 1))
-        loss = loss_erase
-        logs.update(erase=f"{loss_erase.item():.4f}")
-
-        if args.global_retention:  # Eq. 6
-            index = rng.sample(range(len(retain_words)), min(args.global_batch, len(retain_words)))
-            features = pooled(pipe, text_encoder, [retain_words[i] for i in index], args.pooling)
-            loss_glob = global_retention_loss(features, retain_features[index],
-                                              concept_feature[word] if args.with_concept_similarity else None)
-            loss = loss + args.lambda_g * loss_glob
-            logs.update(glob=f"{loss_glob.item():.2e}")
-
-        if args.local_retention:  # Eq. 7, on the same z_t
-            first = 1 if args.keep_uncond else 0
-            index = list(range(first)) + rng.sample(range(first, len(local_words)),
-                                                    min(args.local_batch, len(local_words) - first))
-            k = len(index)
+            stop = rng.randrange(args.ddim_steps)  # Eq. 3
+            seeds = [rng.randrange(2**31) for _ in range(n)]
             with torch.no_grad():
-                eps_original = pipe.unet(z_t.repeat(k, 1, 1, 1), t,
-                                         encoder_hidden_states=local_ctx[index].repeat_interleave(n, 0)).sample
-            trained_ctx = common.encode(pipe, [local_words[i] for i in index], text_encoder)
-            eps_kept = pipe.unet(z_t.repeat(k, 1, 1, 1), t,
-                                 encoder_hidden_states=trained_ctx.repeat_interleave(n, 0)).sample
-            loss_loc = local_retention_loss(eps_kept, eps_original)
-            loss = loss + args.lambda_l * loss_loc
-            logs.update(loc=f"{loss_loc.item():.4f}")
+                z_t, t = common.sample_until(pipe, concept_ctx[word].expand(n, -1, -1), uncond_ctx.expand(n, -1, -1),
+                                             seeds, args.ddim_steps, stop, args.start_guidance)
+                eps_uncond = pipe.unet(z_t, t, encoder_hidden_states=uncond_ctx.expand(n, -1, -1)).sample
+                eps_concept = pipe.unet(z_t, t, encoder_hidden_states=concept_ctx[word].expand(n, -1, -1)).sample
+                eps_target = negative_guidance_target(eps_uncond, eps_concept, args.negative_guidance)  # Eq. 4
 
-        if not torch.isfinite(loss):
-            common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(logs)
+            # Eq. 5 on the word and a few of its boundary samples; row j*n + i is prompt j with latent i
+            boundary = [p for w, p in buffer if w == word]
+            prompts = torch.cat([concept_embeds[word],
+                                 *rng.sample(boundary, min(args.boundary_per_step, len(boundary)))])
+            context = common.text_forward(text_encoder, prompts).repeat_interleave(n, 0)
+            k = len(prompts)
+            # the U-Net part of the loss goes through in chunks; its gradient w.r.t. the context then flows on
+            # through the text encoder in one backward pass (the surrogate below has exactly that gradient)
+            loss_erase, grad_context = unet_loss(self_erasure_loss, pipe.unet, z_t.repeat(k, 1, 1, 1), t, context,
+                                                eps_target.repeat(k, 1, 1, 1), args.unet_batch)
+            loss, surrogate = loss_erase, (context * grad_context).sum()
+            logs.update(erase=f"{loss_erase.item():.4f}")
+
+            if args.global_retention:  # Eq. 6
+                index = rng.sample(range(len(retain_words)), min(args.global_batch, len(retain_words)))
+                features = pooled(pipe, text_encoder, [retain_words[i] for i in index], args.pooling)
+                loss_glob = global_retention_loss(features, retain_features[index],
+                                                  concept_feature[word] if args.with_concept_similarity else None)
+                loss, surrogate = loss + args.lambda_g * loss_glob.detach(), surrogate + args.lambda_g * loss_glob
+                logs.update(glob=f"{loss_glob.item():.2e}")
+
+            if args.local_retention:  # Eq. 7, on the same z_t
+                first = 1 if args.keep_uncond else 0
+                index = list(range(first)) + rng.sample(range(first, len(local_words)),
+                                                        min(args.local_batch, len(local_words) - first))
+                k = len(index)
+                with torch.no_grad():
+                    eps_original = pipe.unet(z_t.repeat(k, 1, 1, 1), t,
+                                             encoder_hidden_states=local_ctx[index].repeat_interleave(n, 0)).sample
+                trained_ctx = common.encode(pipe, [local_words[i] for i in index], text_encoder).repeat_interleave(n, 0)
+                loss_loc, grad_ctx = unet_loss(local_retention_loss, pipe.unet, z_t.repeat(k, 1, 1, 1), t,
+                                               trained_ctx, eps_original, args.unet_batch)
+                loss = loss + args.lambda_l * loss_loc
+                surrogate = surrogate + args.lambda_l * (trained_ctx * grad_ctx).sum()
+                logs.update(loc=f"{loss_loc.item():.4f}")
+
+            if not torch.isfinite(loss):
+                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(surrogate).backward()  # d surrogate / d theta = d L / d theta (Eq. 8)
+            scaler.step(optimizer)
+            scaler.update()
+            bar.set_postfix(logs)
 
     text_encoder.eval()
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]]
-    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, frozen)
     saved = common.save_erased(out, tensors, "sage", args, pipe.base_model, time.time() - start, samples,
                                extra=dict(words=words, searches=searches, accepted=accepted,
                                           boundary_buffer=len(buffer), irrelevant_concepts=len(retain_words),
                                           nearest_irrelevant_similarity=nearest,
                                           local_prompts=len(local_words), trained_tensors=len(params),
-                                          peak_memory_mb=common.peak_memory_mb(pipe.device)))
+                                          peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} ({len(tensors)} of {len(params)} text-encoder tensors changed; "
           f"self-check accepted {accepted} of {searches} boundary samples)")
 

@@ -117,6 +117,11 @@ class Args:
     """one fixed latent for the whole run (official); --no_few_shot draws a new one every round"""
     unet_batch: int = 4
     """samples per U-Net call in the attack (memory only; official: 4)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, trained weights and their
+    optimizer state in fp32 (as diffusers' training examples do)"""
     seed: int = 3407
     """random seed; also the noise x_T (official seed_train: 3407)"""
     device: str | None = None

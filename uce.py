@@ -70,6 +70,11 @@ class Args:
     templates), each guided to the guide in the same template (official --expand_prompts, default false)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept, the guide)"""
+    sample_steps: int | None = None
+    """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, trained weights and their
+    optimizer state in fp32 (as diffusers' training examples do); the closed form is solved in fp32 either way"""
     device: str | None = None
     """'cuda' or 'cpu' (default: cuda when available)"""
 
@@ -129,15 +134,18 @@ def main(argv=None):
     erase_prompts, guide_prompts = edit_prompts(words, guide, templates)
     out = Path(args.output or f"outputs/uce-{info['name'].replace(' ', '_')}")
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
 
-    erase_keys, guide_keys = erase_and_guide_keys(pipe, erase_prompts, guide_prompts, args.key_tokens)  # [N, D]
-    preserve_tokens = "last" if args.key_tokens == "last" else "all"
-    preserve_keys = torch.cat(token_vectors(pipe, args.preserve, preserve_tokens)) if args.preserve else \
-        erase_keys.new_zeros(0, erase_keys.shape[1])  # [M, D]
+    with common.phase(profile, "caching", pipe.device):
+        erase_keys, guide_keys = erase_and_guide_keys(pipe, erase_prompts, guide_prompts, args.key_tokens)  # [N, D]
+        preserve_tokens = "last" if args.key_tokens == "last" else "all"
+        preserve_keys = torch.cat(token_vectors(pipe, args.preserve, preserve_tokens)) if args.preserve else \
+            erase_keys.new_zeros(0, erase_keys.shape[1])  # [M, D]
     unet = copy.deepcopy(pipe.unet)
+    common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: the edited U-Net stays fp32
     projections = common.attn2_projections(unet)
-    with torch.no_grad():
+    with common.phase(profile, "training", pipe.device), torch.no_grad():
         for name, layer in tqdm(projections, desc="UCE closed form"):
             W0 = layer.weight
             target_values = guide_keys @ W0.float().T  # Eq. 1, v*_i = W0 c_i^g as rows [N, d_out]
@@ -153,13 +161,14 @@ def main(argv=None):
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [info["templates"][1].format(guide)] if guide.strip() else [])
-    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "uce", args, pipe.base_model, seconds, samples,
                                extra=dict(words=words, guide=guide, erase_prompts=erase_prompts,
                                           guide_prompts=guide_prompts, erased_token_vectors=len(erase_keys),
                                           preserved_token_vectors=len(preserve_keys),
-                                          peak_memory_mb=common.peak_memory_mb(pipe.device)))
+                                          peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} ({len(tensors)} tensors changed)")
 
 
