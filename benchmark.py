@@ -2,12 +2,21 @@
 
     python benchmark.py            # circle (object), red (colour), square (object): ~30 min on 2 CPU cores
     python benchmark.py --quick    # circle only, small budgets: a few minutes
+    python benchmark.py --scale sd --model /tmp/sd14-random   # memory and cost at SD v1.4's full size (hours on a CPU)
 
 Each erasure runs in its own process with the method's default toy settings (so its `seconds` and peak
 memory are its own), then evaluate.py measures the original model and every erased model on the same
 prompts and seeds. Writes RESULTS.md (machine, versions, seeds at the top; one table per concept) and
 docs/img/benchmark.png (the same seeds across methods) into --output (default: the repository root).
 A rerun with the same seeds reproduces the tables (erasure seconds and memory aside).
+
+`--scale sd` runs each method on a full-size SD v1.4 (`python sdscale.py` builds one with random weights;
+the real weights measure the same) with its SD defaults, cutting only the iteration count and the sampling
+steps (SD_CUTS), once at full precision and once with --mixed_precision, and tabulates per phase the peak
+memory (torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on a CPU) and the
+seconds per training iteration relative to ESD's. Each finished run is appended to
+outputs/benchmark-sd/runs.jsonl at once (a cut-off loses one row), and the table replaces the SD-scale
+section of RESULTS.md.
 """
 import dataclasses
 import json
@@ -31,6 +40,16 @@ QUICK = {"esd": ["--iterations", "20"], "uce": [], "sage": ["--iterations", "20"
          "domain_correction": ["--iterations", "40", "--warm_up", "10", "--n_anchor_images", "8"],
          "sgrace": ["--rounds", "1"]}
 QUICK_EVAL = ["--seeds", "2", "--far_seeds", "1", "--attack_steps", "10"]
+# --scale sd: the only settings cut from each method's SD defaults (iterations and sampling steps). SAGE's and
+# DoCo's warm-up is 1 so that their full training step (boundary samples; generator + surgery) is measured;
+# DoCo draws 8 anchor images, one sampling batch, so that phase reaches its real peak.
+SD_CUTS = {"esd": ["--iterations", "3", "--ddim_steps", "2"],
+           "uce": [],
+           "sage": ["--iterations", "3", "--warm_up", "1", "--ddim_steps", "2"],
+           "realera": ["--iterations", "3", "--ddim_steps", "2"],
+           "domain_correction": ["--iterations", "3", "--warm_up", "1", "--n_anchor_images", "8", "--anchor_steps", "2"],
+           "sgrace": ["--rounds", "2", "--latent_steps", "2", "--projection", "none"]}  # random SD: no CLIP projection
+SD_SECTION = ("<!-- sd-scale: written by `python benchmark.py --scale sd` -->", "<!-- /sd-scale -->")
 
 
 @dataclasses.dataclass
@@ -44,7 +63,19 @@ class Args:
     output: str = "."
     """where RESULTS.md and docs/img/benchmark.png go; erased models and evaluations go to <output>/outputs/benchmark"""
     reuse: bool = False
-    """skip an erasure whose folder already exists (same settings assumed)"""
+    """skip an erasure whose folder already exists (same settings assumed); with --scale sd, a run already in
+    runs.jsonl"""
+    scale: str = "toy"
+    """'toy' (the miniature-world benchmark) or 'sd' (memory and cost of every method on a full-size SD v1.4)"""
+    model: str = "outputs/sd14-random"
+    """--scale sd: the full-size pipeline (python sdscale.py --output outputs/sd14-random builds one)"""
+    concept: str = "nudity"
+    """--scale sd: the concept every method erases"""
+    precisions: list[str] = dataclasses.field(default_factory=lambda: ["no", "half"])
+    """--scale sd: --mixed_precision values to run; 'half' means fp16 on a GPU and bf16 on a CPU (whose fp16
+    kernels are ~200x slower; bf16 tensors take the same memory)"""
+    device: str | None = None
+    """--scale sd: 'cuda' or 'cpu' (default: cuda when available)"""
 
 
 def run_method(method: str, concept: str, folder: Path, extra: list[str]) -> float:
@@ -88,11 +119,117 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def sd_run(method: str, args, precision: str, folder: Path) -> dict:
+    """One method on the full-size model in its own process; its profile (config.json) or how it died."""
+    cmd = [sys.executable, str(HERE / f"{method}.py"), "--model", args.model, "--concept", args.concept,
+           "--output", str(folder.resolve()), "--mixed_precision", precision, "--sample_steps", "2",
+           "--device", args.device, *SD_CUTS[method]]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    row = dict(method=method, precision=precision, command=" ".join(cmd[1:]), returncode=done.returncode,
+               process_seconds=round(time.time() - start, 1))
+    if done.returncode == 0:
+        config = json.loads((folder / "config.json").read_text())
+        row.update(profile=config["profile"], peak_memory_mb=config["peak_memory_mb"])
+    else:
+        row["error"] = "killed (out of memory)" if done.returncode in (-9, 137) else \
+            ((done.stderr or done.stdout).strip().splitlines() or ["?"])[-1]
+    return row
+
+
+def sd_table(rows: list[dict]) -> str:
+    """Markdown: per method and precision, peak memory per phase (GB) and seconds per iteration (x ESD)."""
+    def per_iteration(r):
+        times = r["profile"].get("iteration_seconds", [])
+        steady = times[1:] or times  # the first iteration carries one-off allocations
+        return sum(steady) / len(steady) if steady else None
+
+    esd = {r["precision"]: per_iteration(r) for r in rows if r["method"] == "esd" and "profile" in r}
+    lines = ["| method | precision | caching / anchor images GB | training GB | samples.png GB | peak GB | "
+             "s / iteration | × ESD |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = LABELS[r["method"]]
+        if "profile" not in r:
+            lines.append(f"| {name} | {r['precision']} | – | – | – | {r['error']} | – | – |")
+            continue
+        phases = {k: v["peak_memory_mb"] / 1024 for k, v in r["profile"].items() if isinstance(v, dict)}
+        caching = max([v for k, v in phases.items() if k not in ("training", "samples")], default=None)
+        s_it = per_iteration(r)
+        ratio = f"{s_it / esd[r['precision']]:.2f}" if s_it and esd.get(r["precision"]) else "–"
+        gb = lambda v: f"{v:.1f}" if v is not None else "–"  # noqa: E731
+        lines.append(f"| {name} | {r['precision']} | {gb(caching)} | {gb(phases.get('training'))} | "
+                     f"{gb(phases.get('samples'))} | **{r['peak_memory_mb'] / 1024:.1f}** | "
+                     f"{f'{s_it:.1f}' if s_it else '–'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def write_section(results: Path, body: str):
+    """Replace (or append) the SD-scale section of RESULTS.md, leaving the rest as it is."""
+    text = results.read_text() if results.exists() else ""
+    start, end = SD_SECTION
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = results.with_name(f".{results.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(results)
+
+
+def sd_scale(args):
+    import torch
+
+    if not (Path(args.model) / "model_index.json").exists():
+        common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
+    args.device = args.device or common.default_device()
+    half = "fp16" if args.device.startswith("cuda") else "bf16"
+    precisions = [half if p == "half" else p for p in args.precisions]
+    bad = [p for p in precisions if p not in common.HALF]
+    if bad:
+        common.die(f"--precisions takes no, half, fp16 or bf16, not '{bad[0]}'.")
+    work = Path(args.output) / "outputs" / "benchmark-sd"
+    work.mkdir(parents=True, exist_ok=True)
+    journal = work / "runs.jsonl"
+    done = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    for precision in precisions:
+        for method in args.methods:
+            if args.reuse and any(r["method"] == method and r["precision"] == precision for r in done):
+                continue
+            row = sd_run(method, args, precision, work / f"{method}-{precision}")
+            row.update(date=time.strftime("%Y-%m-%d"), machine=(torch.cuda.get_device_name(0) if args.device.startswith(
+                "cuda") else machine()))
+            done = [r for r in done if (r["method"], r["precision"]) != (method, precision)] + [row]
+            with open(journal, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{method} {precision}: {row.get('peak_memory_mb', row.get('error'))} MB peak, "
+                  f"{row['process_seconds']} s", flush=True)
+    order = {(m, p): i for i, (p, m) in enumerate((p, m) for p in ("no", "fp16", "bf16") for m in METHODS)}
+    rows = sorted(done, key=lambda r: order.get((r["method"], r["precision"]), 99))
+    memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "process peak resident memory (VmHWM)"
+    body = "\n".join([
+        "## SD v1.4 at full size: memory and cost", "",
+        f"Measured {rows[-1]['date']} on {rows[-1]['machine']} with `python benchmark.py --scale sd --model "
+        f"{args.model} --device {args.device}` (the pipeline: `python sdscale.py`, SD v1.4's configs with random "
+        f"weights and the real CLIP tokenizer). Concept `{args.concept}`; each method at its SD defaults except "
+        "the iteration count and the sampling steps (benchmark.py SD_CUTS; samples.png with 2 DDIM steps). Memory: "
+        f"{memory}, per phase, in GiB. s / iteration: mean over the iterations after the first; × ESD: "
+        "relative to ESD at the same precision in the same run. `bf16` on a CPU stands for `--mixed_precision "
+        "fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels are ~200x slower, so fp16 cannot be timed "
+        "there).", "", sd_table(rows), ""])
+    write_section(Path(args.output) / "RESULTS.md", body)
+    print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} ({journal})")
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    if args.scale not in ("toy", "sd"):
+        common.die(f"--scale must be toy or sd, not '{args.scale}'.")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         common.die(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}.")
+    if args.scale == "sd":
+        return sd_scale(args)
     concepts = args.concepts[:1] if args.quick else args.concepts
     for c in concepts:
         common.concept_info(c, "toy")  # one-line error for an unknown concept
@@ -137,7 +274,11 @@ def main(argv=None):
         lines += [f"Protocol: {p['steps']} DDIM steps, guidance {p['guidance']}, seeds {p['seeds per prompt']}, "
                   f"prompts per suite {p['prompts']}; judge: {p['judge']}; attack: {p['attack']}. Grids: "
                   f"`outputs/benchmark/eval-{concept}/`.", ""]
-    (out / ("RESULTS_quick.md" if args.quick else "RESULTS.md")).write_text("\n".join(lines))
+    results_file = out / ("RESULTS_quick.md" if args.quick else "RESULTS.md")
+    old = results_file.read_text() if results_file.exists() else ""
+    if SD_SECTION[0] in old and SD_SECTION[1] in old:  # keep the SD-scale table (measured separately)
+        lines += [old[old.index(SD_SECTION[0]):old.index(SD_SECTION[1]) + len(SD_SECTION[1])], ""]
+    results_file.write_text("\n".join(lines))
     print(f"wrote {out / ('RESULTS_quick.md' if args.quick else 'RESULTS.md')} and {img} in {total:.0f} s")
 
 

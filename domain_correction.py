@@ -109,6 +109,11 @@ class Args:
     the retain gradient only steers; 0.1 with --surgery none, the official loss + 0.1 * prior_loss)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip of the U-Net update (official: 1)"""
+    unet_batch: int = 4
+    """U-Net rows per forward/backward chunk of the forget and retain batches; gradients are accumulated
+    over chunks, so this changes memory, not the result (4 fits SD v1.4 on a 24 GB GPU; official: all 8 at once,
+    ~30 GB). Below --batch_size the forget rows go through the trained U-Net twice (once without a graph for
+    the discriminator's whole-batch loss, once per chunk for its gradient)"""
     samples: list[str] = dataclasses.field(default_factory=list)
     """prompts for samples.png (default: a concept word, a held-out word, a near concept, the anchor)"""
     sample_steps: int | None = None
@@ -124,7 +129,7 @@ class Args:
 
 # --model toy: sized for ~2-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
 TOY_DEFAULTS = dict(n_anchor_images=32, anchor_guidance=common.TOY_SAMPLING["guidance"], iterations=400,
-                    warm_up=100, batch_size=4, lr=5e-4, dlr=1e-3)
+                    warm_up=100, batch_size=4, lr=5e-4, dlr=1e-3, unet_batch=64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ def save_anchor_images(folder: Path, images, meta: dict):
 
 
 @torch.no_grad()
-def encode_images(pipe, images, batch: int = 16):
+def encode_images(pipe, images, batch: int = 4):
     """Mean and std of the VAE's latent distribution, times the scaling factor: [N, 4, h, w] each."""
     means, stds = [], []
     for i in range(0, len(images), batch):
@@ -245,6 +250,18 @@ def project_conflicting(unlearn_grads, retain_grads, lam: float = 1.0):
     return out, n_projected
 
 
+def gradient_in_chunks(unet, params, z_t, t, context, grad_eps, unet_batch: int):
+    """d/dparams of sum(eps * grad_eps), eps = unet(z_t, t, context) [B, 4, h, w], `unet_batch` rows at
+    a time: the parameter gradient of any loss whose gradient w.r.t. the prediction is `grad_eps`."""
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(0, len(z_t), unet_batch):
+        rows = slice(i, i + unet_batch)
+        eps = unet(z_t[rows], t[rows], encoder_hidden_states=context[rows]).sample
+        for g, part in zip(total, torch.autograd.grad(eps, params, grad_eps[rows].to(eps.dtype))):
+            g += part
+    return total
+
+
 def clip_global_norm(grads, max_norm: float):
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
     scale = min(1.0, max_norm / (float(norm) + 1e-6))
@@ -288,7 +305,8 @@ def main(argv=None):
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
 
     if args.anchor_prompts:
         try:
@@ -303,14 +321,16 @@ def main(argv=None):
     seeds = [args.seed * 10_000 + i for i in range(args.n_anchor_images)]
     meta = dict(base_model=pipe.base_model, captions=image_captions, seeds=seeds, steps=args.anchor_steps,
                 guidance=args.anchor_guidance)
-    images = cached_anchor_images(out / "anchor_images", meta)
-    if images is None:
-        images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
-    else:
-        print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
-    z0_mean, z0_std = encode_images(pipe, images)  # [N, 4, h, w]
+    with common.phase(profile, "anchor_images", pipe.device):
+        images = cached_anchor_images(out / "anchor_images", meta)
+        if images is None:
+            images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
+        else:
+            print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
+        z0_mean, z0_std = encode_images(pipe, images)  # [N, 4, h, w]
 
     unet = common.trainable_copy(pipe.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     disc = patch_discriminator(pipe.unet.config.sample_size, pipe.unet.config.in_channels, args.disc_width)
@@ -323,67 +343,100 @@ def main(argv=None):
         noise, t = torch.randn_like(z0), torch.randint(0, n_train_t, (len(index),), device=z0.device)
         return scheduler.add_noise(z0, noise, t), noise, t
 
-    bar = tqdm(range(args.iterations), desc="DoCo")
-    for step in bar:
-        forget = torch.randint(0, len(images), (args.batch_size,))
-        anchor_ctx = common.encode(pipe, [image_captions[i] for i in forget])
-        target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words), mode, rng)
-                                          for i in forget])
-        z_t, _, t = noisy(forget)
-        adversarial = args.unlearn_loss == "adversarial"
-        generator_step = step >= args.warm_up or not adversarial  # the warm-up is the discriminator's
-        with torch.no_grad():
-            eps_anchor = pipe.unet(z_t, t, encoder_hidden_states=anchor_ctx).sample
-        with torch.set_grad_enabled(generator_step):
-            eps_target = unet(z_t, t, encoder_hidden_states=target_ctx).sample
-        x0_anchor, x0_target = predicted_x0(scheduler, z_t, eps_anchor, t), predicted_x0(scheduler, z_t, eps_target, t)
-        logs = {}
+    with common.phase(profile, "training", pipe.device), common.autocast(pipe):
+        bar = tqdm(range(args.iterations), desc="DoCo")
+        for step in common.timed(bar, profile, pipe.device):
+            forget = torch.randint(0, len(images), (args.batch_size,))
+            anchor_ctx = common.encode(pipe, [image_captions[i] for i in forget])
+            target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words), mode, rng)
+                                              for i in forget])
+            z_t, _, t = noisy(forget)
+            adversarial = args.unlearn_loss == "adversarial"
+            generator_step = step >= args.warm_up or not adversarial  # the warm-up is the discriminator's
+            chunked = args.unet_batch < len(z_t)
+            with torch.no_grad():
+                eps_anchor = torch.cat([pipe.unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
+                                                  encoder_hidden_states=anchor_ctx[i:i + args.unet_batch]).sample
+                                        for i in range(0, len(z_t), args.unet_batch)])
+            with torch.set_grad_enabled(generator_step and not chunked):
+                eps_target = torch.cat([unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
+                                             encoder_hidden_states=target_ctx[i:i + args.unet_batch]).sample
+                                        for i in range(0, len(z_t), args.unet_batch)])
+            x0_anchor, x0_target = predicted_x0(scheduler, z_t, eps_anchor, t), predicted_x0(scheduler, z_t, eps_target, t)
+            logs = {}
 
-        if generator_step:
-            prior = torch.randint(0, len(images), (args.batch_size,))
-            z_t_prior, noise_prior, t_prior = noisy(prior)
-            prior_ctx = common.encode(pipe, [image_captions[i] for i in prior])
-            loss_retain = retain_loss(unet(z_t_prior, t_prior, encoder_hidden_states=prior_ctx).sample, noise_prior)
-            loss_unlearn = generator_loss(disc(x0_target)) if adversarial else F.mse_loss(eps_target, eps_anchor)
-            if not (torch.isfinite(loss_retain) and torch.isfinite(loss_unlearn)):
-                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr or --dlr.")
-            # Separate gradients w.r.t. the U-Net only (the discriminator gets none from L_adv).
-            retain_grads = torch.autograd.grad(loss_retain, params)
-            unlearn_grads = torch.autograd.grad(loss_unlearn, params)
-            if args.surgery == "pcgrad":
-                update, n_projected = project_conflicting(unlearn_grads, retain_grads, args.lam)
-            elif args.surgery == "official":
-                update, n_projected = official_adjust(unlearn_grads, retain_grads, args.lam, args.max_grad_norm)
-            else:
-                update, n_projected = list(unlearn_grads), 0
-            for p, g_u, g_r in zip(params, update, retain_grads):
-                p.grad = g_u + retain_weight * g_r
-            if args.surgery != "official":  # the official variant clipped before its adjustment
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            logs.update(unlearn=f"{loss_unlearn.item():.3f}", retain=f"{loss_retain.item():.4f}",
-                        projected=f"{n_projected}/{len(params)}")
+            if generator_step:
+                # The unlearning gradient first (its graph is freed before the retain graph is built). When the
+                # forget batch is chunked, dL/d eps comes from the whole batch (the discriminator's BatchNorm
+                # sees all rows) and is pushed through the U-Net chunk by chunk.
+                eps_leaf = eps_target.detach().requires_grad_(True) if chunked else eps_target
+                x0_leaf = predicted_x0(scheduler, z_t, eps_leaf, t)
+                loss_unlearn = generator_loss(disc(x0_leaf)) if adversarial else F.mse_loss(eps_leaf, eps_anchor)
+                nan = f"the loss became NaN at step {step}; nothing was written. Lower --lr or --dlr."
+                if not torch.isfinite(loss_unlearn):
+                    common.die(nan)
+                # fp16 (CUDA): gradients of loss_scale * L, divided back below (torch's GradScaler, by hand,
+                # because the surgery needs the two gradients separately)
+                loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+                if chunked:
+                    (grad_eps,) = torch.autograd.grad(loss_unlearn * loss_scale, eps_leaf)
+                    unlearn_grads = gradient_in_chunks(unet, params, z_t, t, target_ctx, grad_eps, args.unet_batch)
+                else:
+                    unlearn_grads = torch.autograd.grad(loss_unlearn * loss_scale, params)
+                prior = torch.randint(0, len(images), (args.batch_size,))
+                z_t_prior, noise_prior, t_prior = noisy(prior)
+                prior_ctx = common.encode(pipe, [image_captions[i] for i in prior])
+                retain_grads, loss_retain = [torch.zeros_like(p) for p in params], 0.0
+                for i in range(0, len(prior), args.unet_batch):  # Eq. 5, a mean over rows: chunks weighted by size
+                    rows = slice(i, i + args.unet_batch)
+                    eps_prior = unet(z_t_prior[rows], t_prior[rows], encoder_hidden_states=prior_ctx[rows]).sample
+                    part = retain_loss(eps_prior, noise_prior[rows]) * len(eps_prior) / len(prior)
+                    if not torch.isfinite(part):
+                        common.die(nan)
+                    for g, p_grad in zip(retain_grads, torch.autograd.grad(part * loss_scale, params)):
+                        g += p_grad
+                    loss_retain = loss_retain + part.detach()
+                unlearn_grads = [g / loss_scale for g in unlearn_grads]
+                retain_grads = [g / loss_scale for g in retain_grads]
+                if loss_scale != 1.0 and not all(torch.isfinite(g).all() for g in [*unlearn_grads, *retain_grads]):
+                    scaler.update(loss_scale / 2)  # fp16 overflow: skip this update with a smaller scale next time
+                    continue
+                if args.surgery == "pcgrad":
+                    update, n_projected = project_conflicting(unlearn_grads, retain_grads, args.lam)
+                elif args.surgery == "official":
+                    update, n_projected = official_adjust(unlearn_grads, retain_grads, args.lam, args.max_grad_norm)
+                else:
+                    update, n_projected = list(unlearn_grads), 0
+                for p, g_u, g_r in zip(params, update, retain_grads):
+                    p.grad = g_u + retain_weight * g_r
+                if args.surgery != "official":  # the official variant clipped before its adjustment
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                logs.update(unlearn=f"{loss_unlearn.item():.3f}", retain=f"{loss_retain.item():.4f}",
+                            projected=f"{n_projected}/{len(params)}")
 
-        if adversarial:  # the discriminator learns every step, on the predictions made before the update
-            loss_d = discriminator_loss(disc(x0_anchor), disc(x0_target.detach()))
-            if not torch.isfinite(loss_d):
-                common.die(f"the discriminator loss became NaN at step {step}; nothing was written. Lower --dlr.")
-            disc_optimizer.zero_grad(set_to_none=True)
-            loss_d.backward()
-            disc_optimizer.step()
-            logs = dict(D=f"{loss_d.item():.3f}", **logs)
-        bar.set_postfix(logs)
+            if adversarial:  # the discriminator learns every step, on the predictions made before the update
+                loss_d = discriminator_loss(disc(x0_anchor), disc(x0_target.detach()))
+                if not torch.isfinite(loss_d):
+                    common.die(f"the discriminator loss became NaN at step {step}; nothing was written. Lower --dlr.")
+                disc_optimizer.zero_grad(set_to_none=True)
+                loss_d.backward()
+                disc_optimizer.step()
+                logs = dict(D=f"{loss_d.item():.3f}", **logs)
+            bar.set_postfix(logs)
 
     unet.eval()
     seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1], anchor]]
-    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "domain_correction", args, pipe.base_model, seconds, samples,
                                extra=dict(anchor=anchor, words=words, forget_mode=mode, dlr=dlr,
-                                          retain_weight=retain_weight, peak_memory_mb=common.peak_memory_mb(pipe.device)),
+                                          retain_weight=retain_weight, peak_memory_mb=common.profile_peak(profile),
+                                          profile=profile),
                                # cached in the same atomic rename, so a rerun with the same settings reuses them
                                write_extra=lambda tmp: save_anchor_images(tmp / "anchor_images", images, meta))
     print(f"wrote {saved} ({len(tensors)} tensors changed)")

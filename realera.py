@@ -364,37 +364,42 @@ def main(argv=None):
     common.seed_everything(args.seed)
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
 
-    emb = frozen_embeddings(pipe, dict(concept=concept_prompts, anchor=anchor_prompts, preserve=preserve_prompts,
-                                       uncond=[""]))  # [n, L, D] each, never re-encoded
-    radii = [perturbation_radius(e, args) for e in emb["concept"]]
+    with common.phase(profile, "caching", pipe.device):
+        emb = frozen_embeddings(pipe, dict(concept=concept_prompts, anchor=anchor_prompts, preserve=preserve_prompts,
+                                           uncond=[""]))  # [n, L, D] each, never re-encoded
+        radii = [perturbation_radius(e, args) for e in emb["concept"]]
     unet = copy.deepcopy(pipe.unet)
+    scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: the edited U-Net stays fp32
     stats = dict(concept_prompts=concept_prompts, anchor_prompts=anchor_prompts, preserve_prompts=len(preserve_prompts),
                  anchor=anchor, lam=lam, lr=lr, iterations=iterations,
                  concept_norm=round(float(emb["concept"].flatten(1).norm(dim=1).mean()), 2),
                  radius=round(sum(radii) / len(radii), 2), peak_memory_mb=None)
 
     if args.stage in ("both", "closed_form"):  # Stage 1, Eq. 3
-        mined = [mine_neighbors(e, r, args.s_low, args.s_high, n_neighbors, n_beyond, generator, args.max_draws)
-                 for e, r in zip(emb["concept"], radii)]
-        neighbors, beyond = [m[0] for m in mined], [m[1] for m in mined]
-        erase_keys, anchor_keys, preserve_keys = alignment_keys(emb["concept"], emb["anchor"], neighbors, beyond,
-                                                                emb["preserve"])
-        n_edited = cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, args.alpha, lam)
-        draws = sum(m[2] for m in mined)
-        print(f"closed form: {len(concept_prompts)} concept prompts (||vec(e)|| {stats['concept_norm']}, D1 "
-              f"{stats['radius']}), {sum(map(len, neighbors))} neighbours and {sum(map(len, beyond))} beyond "
-              f"perturbations from {draws} draws, {len(preserve_prompts)} irrelevant prompts; {len(erase_keys)} "
-              f"erased and {len(preserve_keys)} preserved token vectors in {n_edited} projections")
-        stats.update(closed_form_draws=draws, erased_token_vectors=len(erase_keys),
-                     preserved_token_vectors=len(preserve_keys))
+        with common.phase(profile, "closed_form", pipe.device):
+            mined = [mine_neighbors(e, r, args.s_low, args.s_high, n_neighbors, n_beyond, generator, args.max_draws)
+                     for e, r in zip(emb["concept"], radii)]
+            neighbors, beyond = [m[0] for m in mined], [m[1] for m in mined]
+            erase_keys, anchor_keys, preserve_keys = alignment_keys(emb["concept"], emb["anchor"], neighbors, beyond,
+                                                                    emb["preserve"])
+            n_edited = cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, args.alpha, lam)
+            draws = sum(m[2] for m in mined)
+            print(f"closed form: {len(concept_prompts)} concept prompts (||vec(e)|| {stats['concept_norm']}, D1 "
+                  f"{stats['radius']}), {sum(map(len, neighbors))} neighbours and {sum(map(len, beyond))} beyond "
+                  f"perturbations from {draws} draws, {len(preserve_prompts)} irrelevant prompts; {len(erase_keys)} "
+                  f"erased and {len(preserve_keys)} preserved token vectors in {n_edited} projections")
+            stats.update(closed_form_draws=draws, erased_token_vectors=len(erase_keys),
+                         preserved_token_vectors=len(preserve_keys))
 
     if args.stage in ("both", "lora") and iterations > 0:  # Stage 2, Eqs. 4-6
-        traj_prompts = [rng.randrange(len(concept_prompts)) for _ in range(args.n_trajectories)]
-        traj_seeds = [rng.randrange(2**31) for _ in range(args.n_trajectories)]
-        trajectories, timesteps = concept_trajectories(pipe, emb["concept"][traj_prompts], emb["uncond"], traj_seeds,
-                                                       args.ddim_steps, args.start_guidance)  # [n, K, C, h, w]
+        with common.phase(profile, "trajectories", pipe.device), common.autocast(pipe):
+            traj_prompts = [rng.randrange(len(concept_prompts)) for _ in range(args.n_trajectories)]
+            traj_seeds = [rng.randrange(2**31) for _ in range(args.n_trajectories)]
+            trajectories, timesteps = concept_trajectories(pipe, emb["concept"][traj_prompts], emb["uncond"], traj_seeds,
+                                                           args.ddim_steps, args.start_guidance)  # [n, K, C, h, w]
         loras = add_lora(unet, args.rank, args.lora_init_std or 1.0 / args.rank)
         params = [p for lora in loras for p in (lora.down.weight, lora.up.weight)]
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -411,40 +416,43 @@ def main(argv=None):
                 return emb["preserve"][rng.randrange(len(preserve_prompts))]
             return mine_neighbors(emb["concept"][i], radii[i], args.s_low, args.s_high, 0, 1, generator, args.max_draws)[1][0]
 
-        bar = tqdm(range(iterations), desc="RealEra LoRA")
-        for step in bar:
-            which = [rng.randrange(args.n_trajectories) for _ in range(n)]
-            k = torch.tensor([rng.randrange(len(timesteps)) for _ in range(n)])
-            x_t, t = trajectories[which, k], timesteps[k].to(pipe.device)
-            prompt_ids = [traj_prompts[i] for i in which]
-            ctx = torch.stack([neighbor_of(i) for i in prompt_ids])  # [n, L, D]
-            target_ctx = emb["anchor"][prompt_ids]
-            if args.beyond:
-                beyond_ctx = torch.stack([beyond_of(i) for i in prompt_ids])
-                ctx, target_ctx = torch.cat([ctx, beyond_ctx]), torch.cat([target_ctx, beyond_ctx])
-                x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
-            with torch.no_grad():
-                set_lora_enabled(loras, False)  # sg[eps_theta]: the stage-1 weights without the LoRA
-                eps_target = target_unet(x_t, t, encoder_hidden_states=target_ctx).sample
-                set_lora_enabled(loras, True)
-            eps = unet(x_t, t, encoder_hidden_states=ctx).sample
-            loss = noise_alignment_loss(eps[:n], eps_target[:n], eps[n:] if args.beyond else None,
-                                        eps_target[n:] if args.beyond else None, args.beta)
-            if not torch.isfinite(loss):
-                common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", t=int(t[0]))
+        with common.phase(profile, "training", pipe.device), common.autocast(pipe):
+            bar = tqdm(range(iterations), desc="RealEra LoRA")
+            for step in common.timed(bar, profile, pipe.device):
+                which = [rng.randrange(args.n_trajectories) for _ in range(n)]
+                k = torch.tensor([rng.randrange(len(timesteps)) for _ in range(n)])
+                x_t, t = trajectories[which, k], timesteps[k].to(pipe.device)
+                prompt_ids = [traj_prompts[i] for i in which]
+                ctx = torch.stack([neighbor_of(i) for i in prompt_ids])  # [n, L, D]
+                target_ctx = emb["anchor"][prompt_ids]
+                if args.beyond:
+                    beyond_ctx = torch.stack([beyond_of(i) for i in prompt_ids])
+                    ctx, target_ctx = torch.cat([ctx, beyond_ctx]), torch.cat([target_ctx, beyond_ctx])
+                    x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+                with torch.no_grad():
+                    set_lora_enabled(loras, False)  # sg[eps_theta]: the stage-1 weights without the LoRA
+                    eps_target = target_unet(x_t, t, encoder_hidden_states=target_ctx).sample
+                    set_lora_enabled(loras, True)
+                eps = unet(x_t, t, encoder_hidden_states=ctx).sample
+                loss = noise_alignment_loss(eps[:n], eps_target[:n], eps[n:] if args.beyond else None,
+                                            eps_target[n:] if args.beyond else None, args.beta)
+                if not torch.isfinite(loss):
+                    common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}", t=int(t[0]))
         merge_lora(unet)
 
     unet.eval().requires_grad_(False)
     seconds = time.time() - start
-    stats["peak_memory_mb"] = common.peak_memory_mb(pipe.device)
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [" ".join(info["templates"][1].format(anchor).split())] if anchor.strip() else [])
-    samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
+    stats.update(peak_memory_mb=common.profile_peak(profile), profile=profile)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "realera", args, pipe.base_model, seconds, samples, extra=stats)
     print(f"wrote {saved} ({len(tensors)} tensors changed)")

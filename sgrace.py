@@ -399,78 +399,83 @@ def trainable(name: str) -> bool:
     return re.search(r"(^|\.)(encoder|final_layer_norm)\.", name) is not None
 
 
-def train(args, pipe):
-    """The S-GRACE loop; returns the trained text encoder and a dict of timings and choices."""
+def train(args, pipe, profile: dict):
+    """The S-GRACE loop; returns the trained text encoder and a dict of timings and choices. Records the
+    peak memory and seconds of its phases, and each round's seconds, in `profile`."""
     for name, value, allowed in [("init", args.init, ("copycat", "target")), ("feature_token", args.feature_token, ("last", "eot")),
                                  ("erase_loss", args.erase_loss, ("feature", "esd"))]:
         if value not in allowed:
             common.die(f"--{name} must be one of {', '.join(allowed)}, not '{value}'.")
-    info = common.concept_info(args.concept, args.model)
-    settings = concept_settings(args, info)
-    # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
-    held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
-    settings["banned_ids"] = frozenset(held_out_ids) - set(pipe.tokenizer.all_special_ids)
-    related, unrelated = word_lists(args, pipe, info)
-    toy_prompt = info["templates"][-1].format(args.concept) if args.model == "toy" else None
-    prompt = args.prompt or toy_prompt or {"style": "a picture of {}", "harmful": "{}"}.get(settings["kind"], "a photo of {}").format(args.concept)
-    projection = load_projection(args, pipe)
-    f_c = concept_feature(pipe, projection, args.concept)
+    with common.phase(profile, "caching", pipe.device):
+        info = common.concept_info(args.concept, args.model)
+        settings = concept_settings(args, info)
+        # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
+        held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
+        settings["banned_ids"] = frozenset(held_out_ids) - set(pipe.tokenizer.all_special_ids)
+        related, unrelated = word_lists(args, pipe, info)
+        toy_prompt = info["templates"][-1].format(args.concept) if args.model == "toy" else None
+        prompt = args.prompt or toy_prompt or {"style": "a picture of {}", "harmful": "{}"}.get(settings["kind"], "a photo of {}").format(args.concept)
+        projection = load_projection(args, pipe)
+        f_c = concept_feature(pipe, projection, args.concept)
 
     text_encoder = common.trainable_copy(pipe.text_encoder, trainable)
+    scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in text_encoder.parameters() if p.requires_grad]
     params_0 = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     timings = dict(attack_seconds=0.0, erase_seconds=0.0)
     samples, latent, logs = None, None, {}
     bar = tqdm(total=args.rounds * (args.attack_steps + args.erase_steps), desc="S-GRACE")
-    for round_index in range(args.rounds):
-        tick = time.time()
-        samples = draw_samples(pipe, related, settings, args, old=samples)
-        ids, embeds, last = samples
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        mask = (positions[None] >= 1) & (positions[None] <= last[:, None])  # the adversarial tokens
-        if latent is None or not args.few_shot:
-            latent = few_shot_latent(pipe, prompt, args, args.seed + (0 if args.few_shot else round_index))
-            x_T, z, t = latent
-            if args.erase_loss == "esd":
-                with torch.no_grad():
-                    eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=common.encode(pipe, ["", prompt])).sample.chunk(2)
-                eps_target = eps_u - args.negative_guidance * (eps_c - eps_u)
-        embeds, loss_atk = attack(text_encoder, pipe.unet, projection, embeds, mask, last, z, t, x_T, f_c,
-                                  settings["adv_lr"], args)
-        samples = (ids, embeds, last)  # the optimised embeddings persist into the next round (official)
-        with torch.no_grad():
-            _, features_0 = sample_features(text_encoder, projection, embeds, last, args.feature_token)
-        bar.update(args.attack_steps)
-        timings["attack_seconds"] += time.time() - tick
+    with common.phase(profile, "training", pipe.device), common.autocast(pipe):
+        for round_index in common.timed(range(args.rounds), profile, pipe.device):
+            tick = time.time()
+            samples = draw_samples(pipe, related, settings, args, old=samples)
+            ids, embeds, last = samples
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            mask = (positions[None] >= 1) & (positions[None] <= last[:, None])  # the adversarial tokens
+            if latent is None or not args.few_shot:
+                latent = few_shot_latent(pipe, prompt, args, args.seed + (0 if args.few_shot else round_index))
+                x_T, z, t = latent
+                if args.erase_loss == "esd":
+                    with torch.no_grad():
+                        eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=common.encode(pipe, ["", prompt])).sample.chunk(2)
+                    eps_target = eps_u - args.negative_guidance * (eps_c - eps_u)
+            embeds, loss_atk = attack(text_encoder, pipe.unet, projection, embeds, mask, last, z, t, x_T, f_c,
+                                      settings["adv_lr"], args)
+            samples = (ids, embeds, last)  # the optimised embeddings persist into the next round (official)
+            with torch.no_grad():
+                _, features_0 = sample_features(text_encoder, projection, embeds, last, args.feature_token)
+            bar.update(args.attack_steps)
+            timings["attack_seconds"] += time.time() - tick
 
-        tick = time.time()
-        for _ in range(args.erase_steps):
-            hidden, features = sample_features(text_encoder, projection, embeds, last, args.feature_token)
-            if args.erase_loss == "esd":
-                eps = pipe.unet(z.expand(len(embeds), -1, -1, -1), t, encoder_hidden_states=hidden).sample
-                loss_erase = F.mse_loss(eps, eps_target.expand_as(eps))
-            else:
-                loss_erase = push_loss(features, f_c) + settings["w_sim"] * keep_loss(features, features_0)
-            anchors = [random.choice(ANCHOR_TEMPLATES).format(u)
-                       for u in random.sample(unrelated, min(settings["n_anchors"], len(unrelated)))]
-            with torch.no_grad():
-                hidden_0 = common.encode(pipe, anchors)
-            loss_anc = anchor_loss(common.encode(pipe, anchors, text_encoder), hidden_0)
-            loss_par = param_loss(params, params_0)
-            loss = loss_erase + settings["w_param"] * loss_par + settings["w_anchor"] * loss_anc
-            if not torch.isfinite(loss):
-                common.die(f"the erasure loss became NaN in round {round_index + 1}; nothing was written. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                similarity = cosine_to(features, f_c).mean().item()
-            logs = dict(round=round_index + 1, attack=f"{loss_atk:.3f}", erase=f"{loss_erase.item():.3f}",
-                        cos_c=f"{similarity:.3f}", anchor=f"{loss_anc.item():.4f}", l1=f"{loss_par.item():.4f}")
-            bar.set_postfix(logs)
-            bar.update(1)
-        timings["erase_seconds"] += time.time() - tick
+            tick = time.time()
+            for _ in range(args.erase_steps):
+                hidden, features = sample_features(text_encoder, projection, embeds, last, args.feature_token)
+                if args.erase_loss == "esd":
+                    eps = pipe.unet(z.expand(len(embeds), -1, -1, -1), t, encoder_hidden_states=hidden).sample
+                    loss_erase = F.mse_loss(eps, eps_target.expand_as(eps))
+                else:
+                    loss_erase = push_loss(features, f_c) + settings["w_sim"] * keep_loss(features, features_0)
+                anchors = [random.choice(ANCHOR_TEMPLATES).format(u)
+                           for u in random.sample(unrelated, min(settings["n_anchors"], len(unrelated)))]
+                with torch.no_grad():
+                    hidden_0 = common.encode(pipe, anchors)
+                loss_anc = anchor_loss(common.encode(pipe, anchors, text_encoder), hidden_0)
+                loss_par = param_loss(params, params_0)
+                loss = loss_erase + settings["w_param"] * loss_par + settings["w_anchor"] * loss_anc
+                if not torch.isfinite(loss):
+                    common.die(f"the erasure loss became NaN in round {round_index + 1}; nothing was written. Lower --lr.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                with torch.no_grad():
+                    similarity = cosine_to(features, f_c).mean().item()
+                logs = dict(round=round_index + 1, attack=f"{loss_atk:.3f}", erase=f"{loss_erase.item():.3f}",
+                            cos_c=f"{similarity:.3f}", anchor=f"{loss_anc.item():.4f}", l1=f"{loss_par.item():.4f}")
+                bar.set_postfix(logs)
+                bar.update(1)
+            timings["erase_seconds"] += time.time() - tick
     bar.close()
     text_encoder.eval().requires_grad_(False)
     return text_encoder, dict(**{k: round(v, 2) for k, v in timings.items()}, prompt=prompt,
@@ -484,15 +489,18 @@ def main(argv=None):
     out = Path(args.output or f"outputs/sgrace-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
-    start = time.time()
-    text_encoder, extra = train(args, pipe)
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
+    text_encoder, extra = train(args, pipe, profile)
     seconds = time.time() - start
     words = [args.concept, *info["near"][:1], info["anchor"] or (info["others"] or ["a cat"])[0]]
     prompts = [info["templates"][1].format(w) for w in words if w]
-    samples = common.before_after(pipe, prompts * 2, [0] * len(prompts) + [1] * len(prompts), text_encoder=text_encoder)
+    with common.phase(profile, "samples", pipe.device):
+        samples = common.before_after(pipe, prompts * 2, [0] * len(prompts) + [1] * len(prompts),
+                                      text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, pipe.text_encoder)
     saved = common.save_erased(out, tensors, "sgrace", args, pipe.base_model, seconds, samples,
-                               extra=dict(**extra, peak_memory_mb=common.peak_memory_mb(pipe.device)))
+                               extra=dict(**extra, peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} ({len(tensors)} tensors changed; attack {extra['attack_seconds']} s, "
           f"erasure {extra['erase_seconds']} s)")
 

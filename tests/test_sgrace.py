@@ -97,7 +97,7 @@ def test_attack_moves_only_adversarial_tokens_and_pgd_stays_in_its_ball(toy):
 
 def test_zero_erasure_steps_leave_the_text_encoder_unchanged(toy):
     random.seed(0)
-    text_encoder, _ = sgrace.train(toy_args(rounds=1, attack_steps=1, erase_steps=0), toy)
+    text_encoder, _ = sgrace.train(toy_args(rounds=1, attack_steps=1, erase_steps=0), toy, {})
     assert common.changed_tensors("text_encoder", text_encoder, toy.text_encoder) == {}
 
 
@@ -106,7 +106,7 @@ def test_training_changes_only_the_text_encoder_layers(toy):
     the transformer layers moved, and the concept's features moved away from f_c."""
     unet_before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
     random.seed(0)
-    text_encoder, extra = sgrace.train(toy_args(rounds=2, attack_steps=1, erase_steps=3), toy)
+    text_encoder, extra = sgrace.train(toy_args(rounds=2, attack_steps=1, erase_steps=3), toy, {})
     assert all(torch.equal(v, unet_before[k]) for k, v in toy.unet.state_dict().items())
     changed = common.changed_tensors("text_encoder", text_encoder, toy.text_encoder)
     assert changed and all(sgrace.trainable(k.split(".", 1)[1]) for k in changed)
