@@ -262,6 +262,43 @@ def gradient_in_chunks(unet, params, z_t, t, context, grad_eps, unet_batch: int)
     return total
 
 
+def unlearning_gradient(unet, params, disc, scheduler, z_t, t, target_ctx, eps_target, eps_anchor,
+                        adversarial: bool, unet_batch: int, loss_scale: float = 1.0):
+    """Eq. (4) (or, with adversarial=False, Concept Ablation's MSE to eps_anchor) and the gradient of
+    loss_scale * L w.r.t. `params`. `eps_target` [B, 4, h, w] is the trained U-Net's prediction for the
+    forget prompts `target_ctx` [B, L, D]: with a graph when all B rows went through at once; without one
+    when they went in chunks of `unet_batch`: then dL/d eps is taken on the whole batch (the
+    discriminator's BatchNorm sees every row, as in the official code) and pushed back through the U-Net
+    chunk by chunk, recomputing its forward pass. Returns (L, grads), grads None if L is not finite."""
+    chunked = not eps_target.requires_grad
+    eps_leaf = eps_target.detach().requires_grad_(True) if chunked else eps_target
+    x0_target = predicted_x0(scheduler, z_t, eps_leaf, t)
+    loss = generator_loss(disc(x0_target)) if adversarial else F.mse_loss(eps_leaf, eps_anchor)
+    if not torch.isfinite(loss):
+        return loss.detach(), None
+    if not chunked:
+        return loss.detach(), list(torch.autograd.grad(loss * loss_scale, params))
+    (grad_eps,) = torch.autograd.grad(loss * loss_scale, eps_leaf)
+    return loss.detach(), gradient_in_chunks(unet, params, z_t, t, target_ctx, grad_eps, unet_batch)
+
+
+def retain_gradient(unet, params, z_t, t, context, noise, unet_batch: int, loss_scale: float = 1.0):
+    """Eq. (5) on prior rows [B, ...] and the gradient of loss_scale * L_r w.r.t. `params`, `unet_batch`
+    rows at a time (each chunk's mean weighted by its share of the rows). Returns (L_r, grads), grads None
+    if L_r is not finite."""
+    grads, total = [torch.zeros_like(p) for p in params], torch.zeros((), device=z_t.device)
+    for i in range(0, len(z_t), unet_batch):
+        rows = slice(i, i + unet_batch)
+        eps = unet(z_t[rows], t[rows], encoder_hidden_states=context[rows]).sample
+        part = retain_loss(eps, noise[rows]) * len(eps) / len(z_t)
+        if not torch.isfinite(part):
+            return part.detach(), None
+        for g, part_grad in zip(grads, torch.autograd.grad(part * loss_scale, params)):
+            g += part_grad
+        total = total + part.detach()
+    return total, grads
+
+
 def clip_global_norm(grads, max_norm: float):
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
     scale = min(1.0, max_norm / (float(norm) + 1e-6))
@@ -353,12 +390,12 @@ def main(argv=None):
             z_t, _, t = noisy(forget)
             adversarial = args.unlearn_loss == "adversarial"
             generator_step = step >= args.warm_up or not adversarial  # the warm-up is the discriminator's
-            chunked = args.unet_batch < len(z_t)
             with torch.no_grad():
                 eps_anchor = torch.cat([pipe.unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
                                                   encoder_hidden_states=anchor_ctx[i:i + args.unet_batch]).sample
                                         for i in range(0, len(z_t), args.unet_batch)])
-            with torch.set_grad_enabled(generator_step and not chunked):
+            # with a graph only when every row goes through at once (see unlearning_gradient)
+            with torch.set_grad_enabled(generator_step and args.unet_batch >= len(z_t)):
                 eps_target = torch.cat([unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
                                              encoder_hidden_states=target_ctx[i:i + args.unet_batch]).sample
                                         for i in range(0, len(z_t), args.unet_batch)])
@@ -366,36 +403,20 @@ def main(argv=None):
             logs = {}
 
             if generator_step:
-                # The unlearning gradient first (its graph is freed before the retain graph is built). When the
-                # forget batch is chunked, dL/d eps comes from the whole batch (the discriminator's BatchNorm
-                # sees all rows) and is pushed through the U-Net chunk by chunk.
-                eps_leaf = eps_target.detach().requires_grad_(True) if chunked else eps_target
-                x0_leaf = predicted_x0(scheduler, z_t, eps_leaf, t)
-                loss_unlearn = generator_loss(disc(x0_leaf)) if adversarial else F.mse_loss(eps_leaf, eps_anchor)
-                nan = f"the loss became NaN at step {step}; nothing was written. Lower --lr or --dlr."
-                if not torch.isfinite(loss_unlearn):
-                    common.die(nan)
-                # fp16 (CUDA): gradients of loss_scale * L, divided back below (torch's GradScaler, by hand,
-                # because the surgery needs the two gradients separately)
+                # fp16 (CUDA): gradients of loss_scale * L, divided back below (torch's GradScaler by hand,
+                # because the surgery needs the two gradients separately). The unlearning gradient comes
+                # first, so its graph is freed before the retain graph is built.
                 loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-                if chunked:
-                    (grad_eps,) = torch.autograd.grad(loss_unlearn * loss_scale, eps_leaf)
-                    unlearn_grads = gradient_in_chunks(unet, params, z_t, t, target_ctx, grad_eps, args.unet_batch)
-                else:
-                    unlearn_grads = torch.autograd.grad(loss_unlearn * loss_scale, params)
+                loss_unlearn, unlearn_grads = unlearning_gradient(
+                    unet, params, disc, scheduler, z_t, t, target_ctx, eps_target, eps_anchor, adversarial,
+                    args.unet_batch, loss_scale)
                 prior = torch.randint(0, len(images), (args.batch_size,))
                 z_t_prior, noise_prior, t_prior = noisy(prior)
                 prior_ctx = common.encode(pipe, [image_captions[i] for i in prior])
-                retain_grads, loss_retain = [torch.zeros_like(p) for p in params], 0.0
-                for i in range(0, len(prior), args.unet_batch):  # Eq. 5, a mean over rows: chunks weighted by size
-                    rows = slice(i, i + args.unet_batch)
-                    eps_prior = unet(z_t_prior[rows], t_prior[rows], encoder_hidden_states=prior_ctx[rows]).sample
-                    part = retain_loss(eps_prior, noise_prior[rows]) * len(eps_prior) / len(prior)
-                    if not torch.isfinite(part):
-                        common.die(nan)
-                    for g, p_grad in zip(retain_grads, torch.autograd.grad(part * loss_scale, params)):
-                        g += p_grad
-                    loss_retain = loss_retain + part.detach()
+                loss_retain, retain_grads = retain_gradient(unet, params, z_t_prior, t_prior, prior_ctx, noise_prior,
+                                                            args.unet_batch, loss_scale)
+                if not (torch.isfinite(loss_retain) and torch.isfinite(loss_unlearn)):
+                    common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr or --dlr.")
                 unlearn_grads = [g / loss_scale for g in unlearn_grads]
                 retain_grads = [g / loss_scale for g in retain_grads]
                 if loss_scale != 1.0 and not all(torch.isfinite(g).all() for g in [*unlearn_grads, *retain_grads]):

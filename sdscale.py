@@ -64,7 +64,7 @@ def build_clip_tokenizer(bpe_source: Path, out: Path) -> Path:
     """Write vocab.json and merges.txt of the CLIP BPE tokenizer (HF CLIPTokenizer layout) into `out`.
     Vocabulary, in id order (as CLIP's SimpleTokenizer builds it): the 256 byte symbols, the same with
     '</w>', one symbol per merge (first 48,894 merges), then <|startoftext|> and <|endoftext|>: 49,408 ids."""
-    merges = [tuple(line.split()) for line in read_bpe_merges(bpe_source)[1:N_MERGES + 1]]
+    merges = [tuple(line.split()) for line in read_bpe_merges(bpe_source)[1:N_MERGES + 1] if line.strip()]
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     out = Path(out)
