@@ -89,10 +89,9 @@ def machine() -> str:
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv)
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        common.die(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}.")
+    args = common.parse_args(Args, argv, limits=dict(methods=tuple(METHODS), concepts="non-empty", output="non-empty"))
+    if not args.methods or not args.concepts:
+        common.die("--methods and --concepts need at least one entry each.")
     concepts = args.concepts[:1] if args.quick else args.concepts
     for c in concepts:
         common.concept_info(c, "toy")  # one-line error for an unknown concept
