@@ -12,11 +12,14 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
+import math
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import sys
@@ -40,9 +43,24 @@ SD_GENERATE_BATCH = 8  # images per sampling batch at SD scale (16 U-Net rows wi
 FORMAT = "concept-erasure/1"
 
 
+class UserError(SystemExit):
+    """A mistake the user can fix: exits with status 2 (as argparse does for a bad flag); str() is the sentence."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def die(message: str):
-    """Stop with one sentence for the user instead of a traceback."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one sentence for the user instead of a traceback: one line on stderr, exit status 2."""
+    line = "error: " + " ".join(str(message).split())
+    for bar in list(getattr(tqdm, "_instances", [])):  # end any progress bar's line first, so the error has its own
+        bar.close()
+    print(line, file=sys.stderr, flush=True)
+    raise UserError(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,12 +75,18 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def parse_args(cls, argv=None, toy_defaults: dict | None = None):
-    """Parse argv into `cls`; when --model is 'toy', `toy_defaults` replace defaults not given."""
+def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | None = None):
+    """Parse argv into `cls`; when --model is 'toy', `toy_defaults` replace defaults not given. Every value is
+    then checked by check_args (the shared rules and `limits`), so that a bad flag stops here, before anything
+    loads, with one sentence and exit status 2."""
     import argparse
 
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message):  # argparse's own refusals (unknown flag, 'x' for an int) as one line too
+            die(f"{message} (see --help).")
+
     toy_defaults, docs = toy_defaults or {}, field_docs(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    parser = OneLineParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, required = hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -81,7 +105,123 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None):
             parser.add_argument(f"--{f.name}", type=base, default=argparse.SUPPRESS, help=help_text, required=required)
     given = vars(parser.parse_args(argv))
     toy = given.get("model", getattr(cls, "model", None)) == "toy"
-    return cls(**{**(toy_defaults if toy else {}), **given})
+    args = cls(**{**(toy_defaults if toy else {}), **given})
+    check_args(args, limits)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking every flag before anything heavy happens
+# ---------------------------------------------------------------------------------------------
+def check_args(args, limits: dict | None = None):
+    """Check every flag of `args` (a dataclass or an argparse namespace); stop at the first bad one with one
+    sentence. Rules every script shares, by field name: --concept is one concept, not empty, without a comma;
+    --device is a device this machine has; a local --model folder holds a whole pipeline; every float is
+    finite. Then `limits`, {field: rule}, with rules
+        '> 0', '>= 1', '<= 1', '< 1'        a bound
+        '[0, 1)', '(0, 1]', '[1, 1000]'     an interval
+        ('last', 'tail')                    the allowed values
+        'file'                              an existing file
+        'non-empty'                         a text that is not blank
+        'erased model'                      an erased-model folder (written by a method script)
+        'erased-model output'               a folder an erased model may be written to
+    A list is checked entry by entry; None (a default decided later) is not checked."""
+    values = vars(args)
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            die(f"--{name} must be a finite number, not {value}.")
+    if isinstance(values.get("concept"), str):
+        check_concept(values["concept"])
+    if values.get("device") is not None:
+        check_device(values["device"])
+    if values.get("mixed_precision") == "fp16" and not str(values.get("device") or default_device()).startswith("cuda"):
+        die("--mixed_precision fp16 needs a CUDA GPU (a CPU's fp16 kernels are ~200x slower than its bf16 ones); "
+            "on a CPU pass --mixed_precision bf16, which takes the same memory.")
+    if isinstance(values.get("model"), str) and values["model"] != "toy":
+        check_model_path(values["model"])
+    for name, rule in (limits or {}).items():
+        if name not in values:
+            raise KeyError(f"limits name '{name}', which is not a field of {type(args).__name__}")
+        if values[name] is not None:
+            check_value(name, values[name], rule, values)
+
+
+def check_value(name: str, value, rule, values: dict):
+    """One flag against one rule of check_args (a list: every entry)."""
+    flag = f"--{name}"
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(rule, tuple):
+            if item not in rule:
+                die(f"{flag} must be one of {', '.join(map(str, rule))}, not '{item}'.")
+        elif rule == "file":
+            if not Path(item).is_file():
+                die(f"{flag} {item}: no such file.")
+        elif rule == "non-empty":
+            if not str(item).strip():
+                die(f"{flag} must not be empty.")
+        elif rule == "erased model":
+            read_erased_config(item)
+        elif rule == "erased-model output":
+            check_output(item, values.get("model") or "")
+        else:
+            inside, described = in_bounds(item, rule)
+            if not inside:
+                die(f"{flag} must be {described}, not {item}.")
+
+
+def in_bounds(value: float, rule: str) -> tuple[bool, str]:
+    """Whether `value` satisfies a bound ('>= 1') or an interval ('[0, 1)'), and the rule in words."""
+    interval = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", rule.strip())
+    if interval:
+        left, low, high, right = interval.groups()
+        low, high = float(low), float(high)
+        ok = (value >= low if left == "[" else value > low) and (value <= high if right == "]" else value < high)
+        return ok, f"in {rule.strip()}"
+    bound = re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", rule.strip())
+    if not bound:
+        raise ValueError(f"not a rule of check_args: {rule!r}")
+    op, limit = bound.group(1), float(bound.group(2))
+    ok = {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
+    return ok, f"{op} {bound.group(2)}"
+
+
+def check_concept(concept: str):
+    """One concept per run: not blank, and no comma (a list of concepts is a separate, later feature)."""
+    if not concept.strip():
+        die("--concept is empty; name the concept to erase, e.g. --concept nudity.")
+    if "," in concept:
+        names = [c.strip() for c in concept.split(",") if c.strip()]
+        die(f"--concept takes one concept, and '{concept}' has a comma: several concepts in one erasure are not "
+            f"supported yet, so erase one concept per run (--concept '{names[0] if names else concept}', then the "
+            f"next), or write a single concept without the comma.")
+
+
+def check_device(device: str):
+    """`device` must exist on this machine; otherwise one sentence saying what to pass instead."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = "cpu" + (f" and cuda (cuda:0..cuda:{cuda - 1})" if cuda else "")
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        die(f"--device '{device}' is not a device name; this machine has {here}.")
+    if kind.type == "cuda" and not cuda:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but finds no GPU"
+        die(f"--device {device} needs a CUDA GPU, and this machine has none (torch {torch.__version__} is {build}); "
+            f"pass --device cpu or leave --device out.")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= cuda:
+        die(f"--device {device}: this machine has {cuda} CUDA device(s), cuda:0..cuda:{cuda - 1}.")
+    if kind.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        die(f"--device {device}: Apple's MPS is not available here; this machine has {here}.")
+    if kind.type not in ("cpu", "cuda", "mps"):
+        die(f"--device {device} is not supported; this machine has {here}.")
+
+
+def check_model_path(model: str):
+    """A --model that is a local folder must hold a whole pipeline; one that reads as a path must exist."""
+    if Path(model).exists():
+        check_pipeline_folder(Path(model), model)
+    elif model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1:
+        die(f"--model {model}: no such folder; pass a local copy of the pipeline or a hub id such as {SD14}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +238,8 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     from diffusers.utils import logging as diffusers_logging
 
     path = str(TOY_DIR) if model == "toy" else model
-    if Path(path).exists() and not (Path(path) / "model_index.json").exists():
-        die(f"'{model}' is a folder but not a diffusers pipeline (no model_index.json).")
+    if Path(path).exists():
+        check_pipeline_folder(Path(path), model)
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -109,8 +249,10 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     offline = f"could not load '{model}'; with no network, download the pipeline elsewhere and pass its local folder: --model /path/to/stable-diffusion-v1-4"
     try:  # the local cache first, so that a downloaded model loads with no network at all
         pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
-    except Exception:
-        if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+    except Exception as exc:
+        if Path(path).exists():  # every file is there (check_pipeline_folder), so say what diffusers found wrong
+            die(f"could not load the local pipeline '{model}': {type(exc).__name__}: {str(exc)[:300]}")
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
             die(offline)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
@@ -128,6 +270,47 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     if erased is not None:
         load_erased(pipe, erased)
     return pipe.to(device or default_device())
+
+
+# The weight files diffusers / transformers read from a pipeline folder (one of them, or a sharded index).
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def check_pipeline_folder(path: Path, model: str):
+    """A local diffusers pipeline folder: model_index.json, and each part's folder with its config and, for the
+    networks, its weight file (all shards of a sharded one). Stops with one sentence naming what is missing."""
+    if not (path / "model_index.json").is_file():
+        die(f"'{model}' is a folder but not a diffusers pipeline (no model_index.json).")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        die(f"{path / 'model_index.json'} is not readable JSON; copy it again from the original download.")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (index.get(part) or [None])[0]:
+            die(f"'{model}' has no {part} in its model_index.json, so it is not a Stable Diffusion pipeline.")
+        folder = path / part
+        if not folder.is_dir() or not any(folder.iterdir()):
+            die(f"'{model}' is missing its {part}/ folder; copy it from the original download.")
+        if part not in WEIGHT_FILES:
+            continue
+        if not (folder / "config.json").is_file():
+            die(f"'{model}' is missing {part}/config.json; copy it from the original download.")
+        stem = WEIGHT_FILES[part]
+        names = [f"{stem}.safetensors", f"{stem}.bin"] + (["pytorch_model.bin"] if part == "text_encoder" else [])
+        if any((folder / n).is_file() for n in names):
+            continue
+        shard_index = next((folder / f"{n}.index.json" for n in names if (folder / f"{n}.index.json").is_file()), None)
+        if shard_index is None:
+            die(f"'{model}' is missing the weights of its {part}: {part}/{names[0]} (or {names[1]}) is not there; "
+                f"copy it from the original download.")
+        try:
+            shards = sorted(set(json.loads(shard_index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError):
+            die(f"{shard_index} is not a readable shard index; copy it again from the original download.")
+        for shard in shards:
+            if not (folder / shard).is_file():
+                die(f"'{model}' is missing {part}/{shard}, one of the shards listed in {shard_index.name}; copy it "
+                    f"from the original download.")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -505,24 +688,69 @@ def atomic_save_dir(out: Path, write) -> Path:
     return out
 
 
-def save_erased(out_dir, tensors: dict, method: str, args, base_model: str, seconds: float, samples=None, extra=None,
+def check_output(out_dir, base_model: str):
+    """An erased model may be written to `out_dir`: not into a pipeline (the base's or any other), and not over a
+    folder that holds something else than an erased model."""
+    out = Path(out_dir).resolve()
+    if (out / "model_index.json").exists() or out == TOY_DIR or TOY_DIR in out.parents or (
+            base_model and Path(base_model).exists() and Path(base_model).resolve() in [out, *out.parents]):
+        die(f"refusing to write into the base model's folder {out}; choose another --output.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "erased.safetensors").exists()):
+        die(f"{out} exists and is not an erased model; choose another --output.")
+
+
+# Fingerprints are recorded in these precisions, so that a base loaded in float16 or bfloat16 still matches.
+FINGERPRINT_DTYPES = ("float32", "float16", "bfloat16")
+FINGERPRINT_COVERS = ("the shape of every U-Net and text-encoder parameter, the tokenizer's vocabulary, and the "
+                      "base's own values of every tensor in erased.safetensors")
+
+
+def named_part(pipe, key: str):
+    """The pipeline's parameter for an erased-model key 'unet.<name>' or 'text_encoder.<name>'."""
+    part, name = key.split(".", 1)
+    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}[part].get_parameter(name)
+
+
+def base_fingerprint(pipe, keys, dtypes=None) -> dict:
+    """sha256 of what an erased model needs from its base (FINGERPRINT_COVERS), one per precision {dtype: hex}:
+    the values are cast to that precision before hashing. By default every precision of FINGERPRINT_DTYPES that
+    the loaded values can be cast down to (a float32 base: all three; a float16 base: float16 alone)."""
+    values = {key: named_part(pipe, key) for key in sorted(keys)}
+    loaded = str(next(iter(values.values())).dtype).removeprefix("torch.")
+    dtypes = dtypes or (FINGERPRINT_DTYPES if loaded == "float32" else (loaded,))
+    shared = hashlib.sha256()
+    for part in (pipe.unet, pipe.text_encoder):
+        shared.update(repr(sorted(tuple(p.shape) for p in part.parameters())).encode())
+    shared.update(repr(sorted(pipe.tokenizer.get_vocab().items())).encode())
+    digests = {}
+    for dtype in dtypes:
+        digest = shared.copy()
+        for key, param in values.items():
+            value = param.detach().to("cpu", getattr(torch, dtype)).contiguous()
+            digest.update(f"{key}{list(value.shape)}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+        digests[dtype] = digest.hexdigest()
+    return digests
+
+
+def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float, samples=None, extra=None,
                 write_extra=None):
-    """Write an erased model atomically; refuse to write into a pipeline or over foreign files.
+    """Write an erased model atomically; refuse to write into a pipeline or over foreign files. `base` is the
+    base pipeline (its name and fingerprint go into config.json), or only its name (no fingerprint is recorded).
     `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename."""
     from safetensors.torch import save_file
 
+    base_model = base if isinstance(base, str) else base.base_model
+    check_output(out_dir, base_model)
     out = Path(out_dir).resolve()
-    if (out / "model_index.json").exists() or out == TOY_DIR or TOY_DIR in out.parents or (
-            Path(base_model).exists() and Path(base_model).resolve() in [out, *out.parents]):
-        die(f"refusing to write into the base model's folder {out}; choose another --output.")
-    if out.exists() and any(out.iterdir()) and not (out / "erased.safetensors").exists():
-        die(f"{out} exists and is not an erased model; choose another --output.")
     if not tensors:
         die("the method changed no tensor; nothing to save.")
     import diffusers
     import transformers
 
-    config = {"format": FORMAT, "method": method, "base_model": base_model, "seconds": round(seconds, 2),
+    fingerprint = None if isinstance(base, str) else {"sha256": base_fingerprint(base, tensors), "covers": FINGERPRINT_COVERS}
+    config = {"format": FORMAT, "method": method, "base_model": base_model, "base_fingerprint": fingerprint,
+              "seconds": round(seconds, 2),
               "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "changed_tensors": len(tensors), "versions": {
                   "python": platform.python_version(), "torch": torch.__version__,
@@ -543,27 +771,104 @@ def read_erased_config(folder) -> dict:
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
-        assert config.get("format") == FORMAT and (folder / "erased.safetensors").exists()
+        assert config.get("format") == FORMAT and isinstance(config.get("base_model"), str)
+        assert (folder / "erased.safetensors").exists()
     except Exception:
         die(f"{folder} is not an erased model (expected erased.safetensors and config.json from a method script).")
     return config
 
 
-def load_erased(pipe, folder) -> dict:
-    """Apply an erased model's tensors onto `pipe` (same base model only)."""
-    from safetensors.torch import load_file
+def same_model_name(a: str, b: str) -> bool:
+    """The pre-fingerprint check: the same --model string, or two spellings of one local folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_erased(pipe, folder) -> dict:
+    """Check, before any tensor changes, that an erased model fits `pipe`, and return its config. Every key of
+    erased.safetensors must be 'unet.<name>' or 'text_encoder.<name>' naming a parameter of that part, with
+    exactly its shape and a floating dtype; and the base fingerprint in config.json must equal `pipe`'s, so the
+    same weights are accepted under any --model spelling and other weights are refused. A folder written before
+    fingerprints falls back to comparing the --model names, with a one-line notice."""
+    from safetensors import safe_open
 
     config = read_erased_config(folder)
-    if config["base_model"] != pipe.base_model:
-        die(f"{folder} was erased from '{config['base_model']}', not from '{pipe.base_model}'; pass --model "
-            f"{config['base_model']}.")
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    file = Path(folder) / "erased.safetensors"
+    erased_from, here = config["base_model"], pipe.base_model
+    try:
+        with safe_open(file, framework="pt") as f:
+            header = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except Exception as exc:
+        die(f"{file} cannot be read ({type(exc).__name__}); write the erased model again.")
+    if not header:
+        die(f"{file} holds no tensor; write the erased model again.")
+    params = {part: dict(getattr(pipe, part).named_parameters()) for part in ("unet", "text_encoder")}
+    for key, (shape, dtype) in header.items():
+        part, _, name = key.partition(".")
+        if part not in params or not name:
+            die(f"{file} holds the tensor '{key}', whose name does not start with 'unet.' or 'text_encoder.'; "
+                f"it was not written by a method script of this repository.")
+        if name not in params[part]:
+            die(f"{file} holds '{key}', which names no parameter of the {part} of '{here}' (it was erased from "
+                f"'{erased_from}').")
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            die(f"{file} holds '{key}' as {dtype}; a weight must be floating point (F64, F32, F16 or BF16).")
+        if list(shape) != list(params[part][name].shape):
+            die(f"{file} holds '{key}' with shape {list(shape)}, but that weight of '{here}' has shape "
+                f"{list(params[part][name].shape)} (it was erased from '{erased_from}').")
+
+    recorded = (config.get("base_fingerprint") or {}).get("sha256") or {}
+    loaded = str(named_part(pipe, next(iter(header))).dtype).removeprefix("torch.")
+    usable = [d for d in recorded if d == loaded] or ([d for d in recorded if d in FINGERPRINT_DTYPES]
+                                                      if loaded == "float32" else [])
+    if not usable:
+        why = "records no fingerprint of its base (it was written before fingerprints)" if not recorded else \
+            f"records its base's fingerprint in {', '.join(recorded)}, not in the {loaded} this base is loaded in"
+        print(f"note: {folder} {why}; only the --model names are compared.", file=sys.stderr)
+        if not same_model_name(erased_from, here):
+            die(f"{folder} was erased from '{erased_from}', not from '{here}'; pass --model {erased_from}.")
+        return config
+    if base_fingerprint(pipe, header, usable[:1])[usable[0]] != recorded[usable[0]]:
+        die(f"{folder} was erased from '{erased_from}', and '{here}' holds other weights (its fingerprint differs); "
+            f"pass --model {erased_from} or a copy of those same weights.")
+    return config
+
+
+def load_erased(pipe, folder) -> dict:
+    """Apply an erased model's tensors onto `pipe` once check_erased has accepted them all; returns its config."""
+    from safetensors.torch import load_file
+
+    config = check_erased(pipe, folder)
+    tensors = load_file(Path(folder) / "erased.safetensors")
+    broken = next((key for key, value in tensors.items() if not torch.isfinite(value).all()), None)
+    if broken is not None:
+        die(f"{folder}/erased.safetensors holds NaN or infinite values in '{broken}'; write the erased model again.")
     with torch.no_grad():
-        for key, value in load_file(Path(folder) / "erased.safetensors").items():
-            part, name = key.split(".", 1)
-            param = dict(parts[part].named_parameters())[name]
+        for key, value in tensors.items():
+            param = named_part(pipe, key)
             param.copy_(value.to(param.device, param.dtype))
     return config
+
+
+def export_pipeline(folder, out_dir, model: str | None = None) -> Path:
+    """Write the erased model `folder`, applied onto its base (`model`, default: the base named in its
+    config.json), as a whole diffusers pipeline folder (save_pretrained, safetensors, DDIM scheduler) that
+    StableDiffusionPipeline.from_pretrained(out_dir) loads with no code from this repository. The erased model's
+    config.json is copied in as erasure.json."""
+    config = read_erased_config(folder)
+    model = model or config["base_model"]
+    out, base = Path(out_dir).resolve(), (TOY_DIR if model == "toy" else Path(model).resolve())
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "erasure.json").exists()):
+        die(f"{out} exists and is not an export of an erased model; choose another --output.")
+    for taken in (Path(folder).resolve(), base):
+        if taken in [out, *out.parents] or out in taken.parents:
+            die(f"refusing to write the export into or around {taken}; choose another --output.")
+    pipe = load_pipeline(model, erased=folder, device="cpu")
+
+    def write(tmp):
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "erasure.json").write_text(json.dumps(config, indent=1))
+
+    return atomic_save_dir(out, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,9 +892,37 @@ class SampleArgs:
     """where the PNG grid is written"""
 
 
+SAMPLE_LIMITS = dict(prompts="non-empty", erased="erased model", seeds=">= 1", steps="[1, 1000]", guidance=">= 0",
+                     output="non-empty")
+
+
+@dataclasses.dataclass
+class ExportArgs:
+    erased: str
+    """erased-model folder written by a method script"""
+    output: str
+    """new folder for the whole diffusers pipeline (StableDiffusionPipeline.from_pretrained loads it alone)"""
+    model: str | None = None
+    """the base the concept was erased from: 'toy', a hub id or a local copy of the same weights (default: the
+    base_model named in the erased model's config.json)"""
+
+
+def export_main(argv):
+    args = parse_args(ExportArgs, argv, limits=dict(erased="erased model", output="non-empty"))
+    out = export_pipeline(args.erased, args.output, args.model)
+    print(f"wrote {out}: StableDiffusionPipeline.from_pretrained('{out}') loads it")
+
+
 def main(argv=None):
-    args = parse_args(SampleArgs, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # python common.py export --erased DIR --output OUT [--model BASE]
+        return export_main(argv[1:])
+    args = parse_args(SampleArgs, argv, limits=SAMPLE_LIMITS)
+    if not args.prompts:
+        die("--prompts needs at least one prompt.")
     pipe = load_pipeline(args.model)
+    if args.erased:
+        check_erased(pipe, args.erased)  # before the original's row is drawn
     seeds = [s for s in range(args.seeds) for _ in args.prompts]
     prompts = args.prompts * args.seeds
     rows, labels = [], []

@@ -130,6 +130,13 @@ class Args:
 # --model toy: sized for ~2-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
 TOY_DEFAULTS = dict(n_anchor_images=32, anchor_guidance=common.TOY_SAMPLING["guidance"], iterations=400,
                     warm_up=100, batch_size=4, lr=5e-4, dlr=1e-3, unet_batch=64)
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), unet_batch=">= 1",
+              output="erased-model output", words="non-empty", forget_mode=("replace", "append"),
+              anchor_prompts="file", n_anchor_images=">= 1", anchor_steps="[1, 1000]", anchor_guidance=">= 0",
+              iterations=">= 1", warm_up=">= 0", batch_size=">= 1", lr="> 0", weight_decay=">= 0", dlr="> 0",
+              disc_width=">= 1", unlearn_loss=("adversarial", "mse"), surgery=("pcgrad", "official", "none"),
+              lam=">= 0", retain_weight=">= 0", max_grad_norm="> 0", seed="[0, 4294967295]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,11 +332,10 @@ def official_adjust(unlearn_grads, retain_grads, lam: float = 1.0, max_norm: flo
 # main: anchor images, then the adversarial game with the gradient surgery
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
-    if args.surgery not in ("pcgrad", "official", "none"):
-        common.die(f"--surgery must be pcgrad, official or none, not '{args.surgery}'.")
-    if args.unlearn_loss not in ("adversarial", "mse"):
-        common.die(f"--unlearn_loss must be adversarial or mse, not '{args.unlearn_loss}'.")
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
+        common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
+                   f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
     info = common.concept_info(args.concept, args.model)
     words = args.words or info["words"]
     anchor = args.anchor or (info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], ""))
@@ -454,7 +460,7 @@ def main(argv=None):
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
-    saved = common.save_erased(out, tensors, "domain_correction", args, pipe.base_model, seconds, samples,
+    saved = common.save_erased(out, tensors, "domain_correction", args, pipe, seconds, samples,
                                extra=dict(anchor=anchor, words=words, forget_mode=mode, dlr=dlr,
                                           retain_weight=retain_weight, peak_memory_mb=common.profile_peak(profile),
                                           profile=profile),

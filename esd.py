@@ -82,6 +82,11 @@ class Args:
 
 # --model toy: sized for about 1-2 minutes on 2 CPU cores (provisional until tuned on the trained model).
 TOY_DEFAULTS = dict(iterations=200, lr=2e-4, batch_size=2, ddim_steps=common.TOY_SAMPLING["steps"])
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
+              output="erased-model output", train_method=("xattn", "noxattn", "full"), words="non-empty",
+              negative_guidance=">= 0", iterations=">= 1", lr="> 0", batch_size=">= 1", ddim_steps="[1, 1000]",
+              start_guidance=">= 0", seed="[0, 4294967295]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +132,11 @@ def default_train_method(info: dict) -> str:
 # main: the training loop
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     info = common.concept_info(args.concept, args.model)
     words = args.words or info["words"]
     train_method = args.train_method or default_train_method(info)
     in_group = esd_parameter_group(train_method)
-    if args.iterations < 1 or args.batch_size < 1 or args.ddim_steps < 1:
-        common.die("--iterations, --batch_size and --ddim_steps must be at least 1.")
     out = Path(args.output or f"outputs/esd-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
@@ -183,7 +186,7 @@ def main(argv=None):
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
-    saved = common.save_erased(out, tensors, "esd", args, pipe.base_model, seconds, samples,
+    saved = common.save_erased(out, tensors, "esd", args, pipe, seconds, samples,
                                extra=dict(train_method=train_method, words=words, trained_tensors=len(params),
                                           peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} (ESD-{train_method}, {len(tensors)} of {len(params)} trained tensors changed)")

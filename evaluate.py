@@ -86,6 +86,11 @@ class Args:
 
 
 TOY_DEFAULTS = dict(seeds=8, far_seeds=2, attack_lr=0.05, attack_batch=32)  # lr: the toy token embeddings have std ~1, CLIP's ~0.015
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+# --attack_tokens stops at 20 so that the prefix and a word still fit the miniature model's 24 tokens.
+LIMITS = dict(erased="erased model", compare="erased model", seeds=">= 1", far_seeds=">= 0", steps="[1, 1000]",
+              guidance=">= 0", attack_tokens="[1, 20]", attack_steps=">= 0", attack_lr="> 0", attack_batch=">= 1",
+              attack_seed="[0, 4294967295]", nudenet_threshold="[0, 1]", grid_columns=">= 1", batch_size=">= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,15 +508,14 @@ def save_grids(out: Path, suites: dict, results: list[dict], columns: int) -> li
 # main
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     start = time.time()
     info = common.concept_info(args.concept, args.model)
     folders = list(dict.fromkeys(args.erased + args.compare))
     configs = [common.read_erased_config(f) for f in folders]  # fail early, before loading anything
-    for f, c in zip(folders, configs):
-        if c["base_model"] != args.model:
-            common.die(f"{f} was erased from '{c['base_model']}', not from '{args.model}'; pass --model {c['base_model']}.")
     pipe = common.load_pipeline(args.model, device=args.device)
+    for f in folders:  # the base's fingerprint and every tensor's name, shape and dtype, before any image
+        common.check_erased(pipe, f)
     suites = toy_suites(info, args) if args.model == "toy" else sd_suites(info, args)
     if args.prompts:
         suites["efficacy"] = read_prompt_csv(args.prompts, info, args)

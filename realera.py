@@ -138,6 +138,14 @@ class Args:
 # --model toy: about 1 minute on one free CPU core (300 steps of 4 + 4 samples on the 16x16 latents).
 TOY_DEFAULTS = dict(iterations=300, lr=5e-4, batch_size=4, n_trajectories=16, ddim_steps=common.TOY_SAMPLING["steps"],
                     rank=2)
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
+              output="erased-model output", words="non-empty", templates="non-empty", preserve="file",
+              stage=("both", "closed_form", "lora"), radius_ratio="> 0", radius="> 0", s_low="[-1, 1]",
+              s_high="[-1, 1]", n_neighbors=">= 0", n_beyond=">= 0", max_draws=">= 1", alpha=">= 0", lam=">= 0",
+              rank=">= 1", lora_init_std="> 0", beta=">= 0", iterations=">= 0", lr="> 0", batch_size=">= 1",
+              n_trajectories=">= 1", ddim_steps="[1, 1000]", start_guidance=">= 0",
+              target_model=("edited", "original"), seed="[0, 4294967295]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +197,8 @@ def mine_neighbors(concept_emb, radius: float, s_low: float, s_high: float, n_ne
     """Eq. 2: draw perturbations (Eq. 1) until n_neighbors lie in the cosine band [s_low, s_high] and
     n_beyond below s_low; draws above s_high (the concept itself) are discarded.
     Returns neighbours [n_neighbors, L, D], beyond perturbations [n_beyond, L, D] and the draws used."""
-    neighbors, beyond, draws = [], [], 0
+    empty = concept_emb.new_zeros((0, *concept_emb.shape))  # so that asking for none (--no_neighbors --no_beyond) works
+    neighbors, beyond, draws = [empty], [empty], 0
     chunk = 4 * (n_neighbors + n_beyond) + 4
     while sum(map(len, neighbors)) < n_neighbors or sum(map(len, beyond)) < n_beyond:
         if draws >= max_draws:
@@ -327,21 +336,16 @@ def noise_alignment_loss(eps_neighbor, eps_anchor, eps_beyond=None, eps_beyond_t
 # main: frozen embeddings, stage 1 (closed form), stage 2 (LoRA), merge, save
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
-    if args.stage not in ("both", "closed_form", "lora"):
-        common.die(f"--stage must be both, closed_form or lora, not '{args.stage}'.")
-    if not -1 <= args.s_low < args.s_high <= 1:
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    if not args.s_low < args.s_high:
         common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
-    if args.target_model not in ("edited", "original"):
-        common.die(f"--target_model must be edited or original, not '{args.target_model}'.")
-    if min(args.rank, args.batch_size, args.n_trajectories, args.ddim_steps) < 1 or min(args.n_neighbors, args.n_beyond) < 0:
-        common.die("--rank, --batch_size, --n_trajectories and --ddim_steps must be at least 1, --n_neighbors and "
-                   "--n_beyond at least 0.")
     info = common.concept_info(args.concept, args.model)
     kind_defaults = KIND_DEFAULTS.get(info["kind"], KIND_DEFAULTS["default"])
     lam = kind_defaults["lam"] if args.lam is None else args.lam
     lr = kind_defaults["lr"] if args.lr is None else args.lr
     iterations = kind_defaults["iterations"] if args.iterations is None else args.iterations
+    if args.stage == "lora" and iterations == 0:
+        common.die("--stage lora with --iterations 0 changes nothing; give --iterations 1 or more, or --stage both.")
     words = args.words or info["words"]
     anchor = args.anchor if args.anchor is not None else (
         info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], info["anchor"]))
@@ -454,7 +458,7 @@ def main(argv=None):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     stats.update(peak_memory_mb=common.profile_peak(profile), profile=profile)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
-    saved = common.save_erased(out, tensors, "realera", args, pipe.base_model, seconds, samples, extra=stats)
+    saved = common.save_erased(out, tensors, "realera", args, pipe, seconds, samples, extra=stats)
     print(f"wrote {saved} ({len(tensors)} tensors changed)")
 
 

@@ -134,6 +134,14 @@ class Args:
 # --model toy: sized for about 2-3 minutes on 2 CPU cores.
 TOY_DEFAULTS = dict(iterations=200, lr=3e-4, ddim_steps=common.TOY_SAMPLING["steps"], warm_up=40,
                     global_batch=64, local_batch=3, local_pool=64, unet_batch=64)
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), unet_batch=">= 1",
+              output="erased-model output", words="non-empty", iterations=">= 1", lr="> 0", batch_size=">= 1",
+              ddim_steps="[1, 1000]", start_guidance=">= 0", negative_guidance=">= 0", warm_up=">= 0",
+              check_every=">= 1", search_steps=">= 0", step_size=">= 0", beta=">= 0", delta="> 0", init_noise=">= 0",
+              tau="[-1, 1]", buffer_size=">= 1", boundary_per_step=">= 0", lambda_g=">= 0", global_candidates=">= 2",
+              global_exclude="[0, 1)", global_batch=">= 2", lambda_l=">= 0", local_batch=">= 0", local_pool=">= 0",
+              pooling=("eot", "mean"), seed="[0, 4294967295]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,18 +295,14 @@ def unet_loss(loss_fn, unet, z_t, t, context, target, unet_batch: int):
 # main: cache the frozen things, then cycles of self-check and self-erasure with retention
 # ---------------------------------------------------------------------------------------------
 def check_args(args):
-    if args.pooling not in ("eot", "mean"):
-        common.die(f"--pooling must be eot or mean, not '{args.pooling}'.")
-    if min(args.iterations, args.batch_size, args.ddim_steps, args.check_every, args.buffer_size) < 1:
-        common.die("--iterations, --batch_size, --ddim_steps, --check_every and --buffer_size must be at least 1.")
-    if args.local_retention and args.local_batch < 1 and not args.keep_uncond:
-        common.die("local retention needs --local_batch >= 1 or --keep_uncond (or pass --no_local_retention).")
-    if not 0 <= args.global_exclude < 1:
-        common.die("--global_exclude must be in [0, 1).")
+    """The combinations of flags (each flag alone is checked by LIMITS)."""
+    if args.local_retention and min(args.local_batch, args.local_pool) < 1 and not args.keep_uncond:
+        common.die("local retention needs --local_batch and --local_pool of at least 1, or --keep_uncond (or pass "
+                   "--no_local_retention).")
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     check_args(args)
     info = common.concept_info(args.concept, args.model)
     words = args.words or info["words"]
@@ -420,7 +424,7 @@ def main(argv=None):
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, frozen)
-    saved = common.save_erased(out, tensors, "sage", args, pipe.base_model, time.time() - start, samples,
+    saved = common.save_erased(out, tensors, "sage", args, pipe, time.time() - start, samples,
                                extra=dict(words=words, searches=searches, accepted=accepted,
                                           boundary_buffer=len(buffer), irrelevant_concepts=len(retain_words),
                                           nearest_irrelevant_similarity=nearest,

@@ -8,8 +8,9 @@ from the merges file that ships inside the `open-clip-torch` wheel. Such a pipel
 memory footprint and cost (its images are noise), so `benchmark.py --scale sd` measures every method on
 it, and the tests use the same tokenizer on a narrow model.
 
+    python sdscale.py --output outputs/sd14-random                # ~4 GB on disk, ~1 min
+    python sdscale.py --narrow --output /tmp/narrow               # the tests' narrow model, seconds
     pip download --no-deps open-clip-torch==3.3.0 -d /tmp/oc     # only for --bpe; never installed
-    python sdscale.py --output /tmp/sd14-random                   # ~4 GB on disk, ~1 min
 
 The tokenizer files built from that wheel are committed under assets/clip_tokenizer/ (vocab.json,
 merges.txt), so the command above needs no download; `python sdscale.py --tokenizer_only --bpe
@@ -110,10 +111,19 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 # sampler, built from this config) reads: without it DDIM would clip x0 to [-1, 1].
 
 
+# The tests' narrow model: SD v1.4's interface (77 tokens, 768-wide context, 4-channel latents, 16 attn2 layers in
+# the same arrangement, the real tokenizer) with 8-16 U-Net channels, a 4-channel VAE and one text layer.
+NARROW = dict(unet_config=dict(UNET_CONFIG, sample_size=8, block_out_channels=(8, 16, 16, 16), attention_head_dim=2,
+                               norm_num_groups=4),
+              vae_config=dict(VAE_CONFIG, sample_size=64, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+                              norm_num_groups=2),
+              text_config=dict(TEXT_CONFIG, intermediate_size=64, num_hidden_layers=1))
+
+
 def build_pipeline(out: Path, unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, text_config=TEXT_CONFIG,
                    tokenizer_dir: Path = TOKENIZER_DIR, seed: int = 0) -> Path:
     """Save a randomly initialised StableDiffusionPipeline (diffusers layout, safetensors) into `out`:
-    SD v1.4's configs by default, narrower ones for tests. The scheduler is SD v1.4's PNDM schedule."""
+    SD v1.4's configs by default, narrower ones (NARROW) for tests. The scheduler is SD v1.4's PNDM schedule."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -137,6 +147,8 @@ class Args:
     """an open-clip-torch wheel or its bpe_simple_vocab_16e6.txt.gz: rebuild assets/clip_tokenizer from it"""
     tokenizer_only: bool = False
     """only (re)build and check the tokenizer files (needs --bpe)"""
+    narrow: bool = False
+    """build the tests' narrow model instead (SD v1.4's interface and tokenizer, 8-16 channels; seconds)"""
 
 
 def main(argv=None):
@@ -151,9 +163,10 @@ def main(argv=None):
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
         common.die(f"{out} exists and is not a pipeline folder; choose another --output.")
-    common.atomic_save_dir(out, lambda tmp: build_pipeline(tmp))
+    common.atomic_save_dir(out, lambda tmp: build_pipeline(tmp, **(NARROW if args.narrow else {})))
     n = sum(p.numel() for p in common.load_pipeline(str(out), device="cpu").unet.parameters())
-    print(f"wrote {out}: SD v1.4's configs with random weights ({n / 1e6:.0f} M U-Net parameters), real CLIP tokenizer")
+    print(f"wrote {out}: SD v1.4's {'interface, narrow' if args.narrow else 'configs'}, random weights "
+          f"({n / 1e6:.1f} M U-Net parameters), real CLIP tokenizer")
 
 
 if __name__ == "__main__":

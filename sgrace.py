@@ -166,6 +166,16 @@ ANCHOR_TEMPLATES = ["a photo of {}", "a picture of {}", "a image of {}"]  # offi
 # The toy's token embeddings have std ~1 (SD's ~0.014), hence the larger attack step.
 TOY_DEFAULTS = dict(rounds=8, samples=8, random_ids=1, min_words=1, max_words=3, separator=" ", p_update=0.3,
                     adv_lr=0.3, lr=1e-3, w_sim=1.0, w_param=0.2, w_anchor=1.0, n_anchors=8, latent_steps=25)
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+# --random_ids stops at 20 so that a sample still fits the miniature model's 24 tokens.
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
+              output="erased-model output", related="file", unrelated="file", fallback_words=">= 1", rounds=">= 1",
+              samples=">= 1", init=("copycat", "target"), random_ids="[0, 20]", min_words=">= 1", max_words=">= 1",
+              p_update="[0, 1]", attack_steps=">= 0", adv_lr="> 0", semantic_weight=">= 0", pgd_radius=">= 0",
+              feature_token=("last", "eot"), erase_steps=">= 1", lr="> 0", erase_loss=("feature", "esd"),
+              negative_guidance=">= 0", w_sim=">= 0", w_param=">= 0", w_anchor=">= 0", n_anchors=">= 1",
+              timestep_low="[0, 999]", timestep_high="[1, 1000]", latent_steps="[1, 1000]", latent_guidance=">= 0",
+              unet_batch=">= 1", seed="[0, 4294967295]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +494,14 @@ def train(args, pipe, profile: dict):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS)
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     info = common.concept_info(args.concept, args.model)
+    settings = concept_settings(args, info)
+    if settings["min_words"] > settings["max_words"]:
+        common.die(f"--min_words {settings['min_words']} is above --max_words {settings['max_words']}.")
+    if args.timestep_low >= args.timestep_high:
+        common.die(f"t is drawn from [--timestep_low, --timestep_high), so {args.timestep_low} must be below "
+                   f"{args.timestep_high}.")
     out = Path(args.output or f"outputs/sgrace-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
@@ -499,7 +515,7 @@ def main(argv=None):
         samples = common.before_after(pipe, prompts * 2, [0] * len(prompts) + [1] * len(prompts),
                                       text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, pipe.text_encoder)
-    saved = common.save_erased(out, tensors, "sgrace", args, pipe.base_model, seconds, samples,
+    saved = common.save_erased(out, tensors, "sgrace", args, pipe, seconds, samples,
                                extra=dict(**extra, peak_memory_mb=common.profile_peak(profile), profile=profile))
     print(f"wrote {saved} ({len(tensors)} tensors changed; attack {extra['attack_seconds']} s, "
           f"erasure {extra['erase_seconds']} s)")

@@ -416,19 +416,25 @@ def main():
     parser.add_argument("--check", action="store_true",
                         help="no training: re-measure the acceptance figures of the build in --output (e.g. after a "
                              "change of the sampling defaults) and update its build_log.json and sample grid")
+    import common
+
+    parser.error = lambda message: common.die(f"{message} (see --help).")  # one line, exit status 2
     args = parser.parse_args()
+    common.check_args(args, dict(seed="[0, 4294967295]", vae_steps=">= 1", judge_steps=">= 1", text_steps=">= 1",
+                                 steps=">= 1", batch=">= 1", max_weight="> 0", images=">= 1", eval_seeds=">= 0",
+                                 lr="> 0", threads=">= 0"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.check:
         if not args.eval_seeds:
             parser.error("--check needs --eval_seeds of 1 or more")
+        if not (args.output / "toy_judge" / "build_log.json").is_file():
+            common.die(f"--check re-measures a build, and {args.output} holds none (no toy_judge/build_log.json).")
         log = json.loads((args.output / "toy_judge" / "build_log.json").read_text())
         return acceptance(args.output, args.eval_seeds, args.device, log)
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
-
-    import common
 
     start = time.time()
     torch.manual_seed(args.seed)

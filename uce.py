@@ -79,6 +79,12 @@ class Args:
     """'cuda' or 'cpu' (default: cuda when available)"""
 
 
+# What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
+              output="erased-model output", words="non-empty", erase_scale=">= 0", preserve_scale=">= 0",
+              lam="> 0", key_tokens=("last", "tail"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Token vectors: the columns c of Eq. 2
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +125,7 @@ def edit_prompts(words: list[str], guide: str, templates: list[str]) -> tuple[li
 # main: one closed-form solve per attn2.to_k / attn2.to_v
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(Args, argv)
-    if args.key_tokens not in ("last", "tail"):
-        common.die(f"--key_tokens must be last or tail, not '{args.key_tokens}'.")
-    if args.lam <= 0:
-        common.die("--lam must be positive: it keeps the closed form invertible whatever the prompts.")
+    args = common.parse_args(Args, argv, limits=LIMITS)  # --lam > 0 keeps the closed form invertible
     info = common.concept_info(args.concept, args.model)
     words = args.words or info["words"]
     guide = args.guide if args.guide is not None else ("art" if info["kind"] == "style" else "")
@@ -164,7 +166,7 @@ def main(argv=None):
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
-    saved = common.save_erased(out, tensors, "uce", args, pipe.base_model, seconds, samples,
+    saved = common.save_erased(out, tensors, "uce", args, pipe, seconds, samples,
                                extra=dict(words=words, guide=guide, erase_prompts=erase_prompts,
                                           guide_prompts=guide_prompts, erased_token_vectors=len(erase_keys),
                                           preserved_token_vectors=len(preserve_keys),

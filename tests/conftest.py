@@ -21,12 +21,7 @@ def build_sd_like(folder: Path) -> Path:
     one text layer (sdscale.py builds the full-size one from the same function)."""
     import sdscale
 
-    unet = dict(sdscale.UNET_CONFIG, sample_size=8, block_out_channels=(8, 16, 16, 16), attention_head_dim=2,
-                norm_num_groups=4)
-    vae = dict(sdscale.VAE_CONFIG, sample_size=64, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
-               norm_num_groups=2)
-    text = dict(sdscale.TEXT_CONFIG, intermediate_size=64, num_hidden_layers=1)
-    return sdscale.build_pipeline(folder / "pipeline", unet, vae, text)
+    return sdscale.build_pipeline(folder / "pipeline", **sdscale.NARROW)
 
 
 @pytest.fixture(scope="session")

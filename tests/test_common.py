@@ -85,11 +85,12 @@ def test_erased_round_trip(tmp_path, toy):
     class Args:
         concept: str = "circle"
 
-    out = common.save_erased(tmp_path / "erased", tensors, "test", Args(), "toy", 1.5)
+    out = common.save_erased(tmp_path / "erased", tensors, "test", Args(), toy, 1.5)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "erased.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "test" and config["args"] == {"concept": "circle"} and config["seconds"] == 1.5
+    assert config["base_model"] == "toy" and config["base_fingerprint"]["sha256"] == common.base_fingerprint(toy, tensors)
     assert set(load_file(out / "erased.safetensors")) == set(tensors)
 
     fresh = common.load_pipeline("toy", erased=out, device="cpu")

@@ -193,10 +193,12 @@ def test_evaluate_refuses_bad_inputs(tmp_path, capsys):
         assert "\n" not in str(e.value).strip()
 
 
-def test_evaluate_refuses_an_erasure_of_another_base(tmp_path):
+def test_evaluate_refuses_an_erasure_of_another_base(tmp_path, sd_like_path):
     uce.main(["--model", "toy", "--concept", "circle", "--output", str(tmp_path / "uce")])
     with pytest.raises(SystemExit, match="erased from 'toy'"):
-        evaluate.main(["--model", str(tmp_path / "elsewhere"), "--concept", "church", "--erased", str(tmp_path / "uce")])
+        evaluate.main(["--model", str(sd_like_path), "--concept", "church", "--erased", str(tmp_path / "uce"),
+                       "--output", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_runs_on_the_sd_interface(sd_like_path, tmp_path):

@@ -17,6 +17,7 @@ TINY = {
     "sgrace.py": "--rounds 1 --attack_steps 1 --erase_steps 2",
     "evaluate.py": "--seeds 1 --far_seeds 1 --attack_steps 2",
     "benchmark.py": "--quick --methods uce",
+    "sdscale.py": "--narrow",
 }
 
 
