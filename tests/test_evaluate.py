@@ -187,14 +187,15 @@ def test_unlearndiffatk_recovers_a_trivially_erased_concept(tmp_path):
 
 def test_the_continuous_bound_is_a_bound(tmp_path):
     """On the same prompts and seeds the continuous attack's ASR is never below UnlearnDiffAtk's (two erased
-    models: a token substitution and UCE), at the default miniature budgets."""
+    models: a token substitution, and UCE editing every token from the word on, which erases 5 of 6 prompts
+    here), at the default miniature budgets."""
     trivial_erasure(tmp_path / "trivial")
-    uce.main(["--model", "toy", "--concept", "circle", "--output", str(tmp_path / "uce")])
+    uce.main(["--model", "toy", "--concept", "circle", "--key_tokens", "tail", "--output", str(tmp_path / "uce")])
     rows = evaluate.main(["--model", "toy", "--concept", "circle", "--compare", str(tmp_path / "trivial"),
                           str(tmp_path / "uce"), "--seeds", "2", "--far_seeds", "0", "--attack", "both",
                           "--output", str(tmp_path / "eval")])
     for erased in rows[1:]:
-        assert erased["asr"] is not None and erased["soft_asr"] is not None
+        assert erased["attacked"] >= 4  # the bound is tested on prompts both attacks had to work for
         assert erased["soft_asr"] >= erased["asr"] >= erased["pre_asr"], erased["name"]
     assert (tmp_path / "eval" / "grid_soft_1.png").exists()
 
@@ -415,6 +416,7 @@ def test_nudenet_classes_are_the_installed_packages():
     (["--attack_batch", "0"], "--attack_batch must be at least 1"),
     (["--attack_seed", "-1"], "--attack_seed must be 0 or more"),
     (["--soft_steps", "0"], "--soft_steps must be at least 1"),
+    (["--soft_steps", "20", "--soft_checks", "21"], "--soft_checks must be between 1 and --soft_steps (20)"),
     (["--soft_lr", "inf"], "--soft_lr must be a number above 0"),
     (["--grid_columns", "0"], "--grid_columns must be at least 1"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
@@ -560,24 +562,38 @@ def test_sd_path_end_to_end_with_clip_judge_attacks_csv_and_clip_score(sd_like_p
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(tmp_path / "clip")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
     church = write_csv(tmp_path / "church.csv", UNLEARNDIFFATK_OBJECT,
                        [[str(i), p, str(100 + i), "7.5"] for i, p in enumerate(["a church", "an old church", "church at night",
                                                                                  "a stone church", "a church in snow"])])
     coco = write_csv(tmp_path / "coco.csv", ["case_number", "source", "prompt", "evaluation_seed"],
                      [["1", "coco-30k", "a bicycle", "41337"], ["2", "coco-30k", "a motorcycle", "63155"]])
     uce.main(["--model", str(sd_like_path), "--concept", "church", "--output", str(tmp_path / "uce")])
+    # A random CLIP tends to give every image the same label; pick one whose label for the erased model's
+    # efficacy images (the same seeds as below) is not 'church', so that there are prompts to attack
+    erased_pipe = common.load_pipeline(str(sd_like_path), erased=tmp_path / "uce", device="cpu")
+    efficacy = common.generate(erased_pipe, ["a church", "an old church", "church at night", "a stone church",
+                                             "a church in snow"], [100, 101, 102, 103, 104], steps=2, progress=False)
+    labels, texts = evaluate.clip_labels(common.concept_info("church", str(sd_like_path)))
+    for seed in range(50):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+        if labels.index("church") not in evaluate.clip_zero_shot((model, processor), efficacy, texts, "cpu")[0]:
+            break
+    else:
+        pytest.fail("no random CLIP of 50 leaves the efficacy images unlabelled as church")
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
     rows = evaluate.main(["--model", str(sd_like_path), "--concept", "church", "--erased", str(tmp_path / "uce"),
                           "--seeds", "1", "--far_seeds", "1", "--steps", "2", "--clip", str(tmp_path / "clip"),
                           "--prompts", church, "--attack", "both", "--attack_timesteps", "2", "--attack_iterations", "1",
-                          "--soft_steps", "1", "--attack_batch", "2", "--clip_score", str(tmp_path / "clip"),
+                          "--soft_steps", "2", "--soft_checks", "2", "--attack_batch", "2", "--clip_score", str(tmp_path / "clip"),
                           "--fidelity_prompts", coco, "--output", str(tmp_path / "eval")])
     erased = rows[1]
     for key in ("efficacy", "generality", "near", "frechet", "asr", "soft_asr", "clip_score"):
         assert erased[key] is not None, key
-    assert erased["attacked"] >= 1 and len(erased["adversarial_prompts"]) == erased["attacked"]
+    assert erased["attacked"] == 5 and len(erased["adversarial_prompts"]) == 5  # every prompt attacked
     assert all(f["adversarial_prompt"] and f["tokens"] for f in erased["adversarial_prompts"])
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "CLIP zero-shot" in report and "CLIP score" in report and "church.csv" in report
