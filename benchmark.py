@@ -30,7 +30,8 @@ QUICK = {"esd": ["--iterations", "20"], "uce": [], "sage": ["--iterations", "20"
          "realera": ["--iterations", "30"],
          "domain_correction": ["--iterations", "40", "--warm_up", "10", "--n_anchor_images", "8"],
          "sgrace": ["--rounds", "1"]}
-QUICK_EVAL = ["--seeds", "2", "--far_seeds", "1", "--attack_timesteps", "2", "--attack_iterations", "5", "--soft_steps", "20"]
+QUICK_EVAL = ["--seeds", "2", "--far_seeds", "1", "--attack_timesteps", "2", "--attack_iterations", "5", "--soft_steps", "20",
+              "--soft_checks", "2"]
 # both attacks, side by side: UnlearnDiffAtk (the field's discrete attack) and the continuous upper bound
 ATTACK = ["--attack", "both"]
 
