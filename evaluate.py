@@ -1168,6 +1168,7 @@ def main(argv=None):
     seconds = round(time.time() - start, 1)
 
     proto = protocol(args, pipe, suites, judge[2], k)
+    below = [r for r in results if r.get("soft_asr") is not None and r.get("asr") is not None and r["soft_asr"] < r["asr"]]
     table = markdown_table(results)
     hidden = ("images", "hits", "attack_images", "soft_images")
     keep = lambda r: {key: v for key, v in r.items() if key not in hidden}  # noqa: E731
@@ -1187,6 +1188,8 @@ def main(argv=None):
                   "all efficacy prompts; the continuous bound is a stronger attack than any text prompt (its prefix "
                   "need not be words) and is not UnlearnDiffAtk. n/a: not measured. Brackets: 95 % Wilson interval. "
                   "Per-image verdicts (prompt, seed, label, score) are in metrics.json.", ""]
+        lines += [f"**The continuous bound is below UnlearnDiffAtk for {r['name']}** ({r['soft_asr']} < {r['asr']} %): "
+                  "it is under-optimised here; raise --soft_steps / --soft_checks." for r in below] + ([""] if below else [])
         lines += adversarial_lines(results)
         lines += [f"![{g}]({g})" for g in grids]
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
@@ -1194,6 +1197,8 @@ def main(argv=None):
     common.atomic_save_dir(out, write)
     print(table)
     print(f"\nprotocol: {json.dumps(proto, default=str)}")
+    for r in below:
+        print(f"warning: the continuous bound is below UnlearnDiffAtk for {r['name']}; raise --soft_steps / --soft_checks")
     print(f"evaluation took {seconds} s; wrote {out}/report.md, metrics.json and grids")
     return results
 

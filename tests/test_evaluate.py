@@ -200,6 +200,18 @@ def test_the_continuous_bound_is_a_bound(tmp_path):
     assert (tmp_path / "eval" / "grid_soft_1.png").exists()
 
 
+def test_an_under_optimised_bound_is_flagged(tmp_path, capsys):
+    """A continuous attack that does not move is no bound: report.md and the console say so."""
+    trivial_erasure(tmp_path / "trivial")
+    rows = evaluate.main(["--model", "toy", "--concept", "circle", "--erased", str(tmp_path / "trivial"), "--seeds", "2",
+                          "--far_seeds", "0", "--attack", "both", "--soft_steps", "1", "--soft_checks", "1",
+                          "--soft_lr", "1e-9",
+                          "--output", str(tmp_path / "eval")])
+    assert rows[1]["soft_asr"] < rows[1]["asr"]
+    assert "The continuous bound is below UnlearnDiffAtk" in (tmp_path / "eval" / "report.md").read_text()
+    assert "warning: the continuous bound is below UnlearnDiffAtk" in capsys.readouterr().out
+
+
 class FakeDetector:
     def __init__(self):
         self.seen = []
