@@ -15,7 +15,7 @@ TINY = {
     "realera.py": "--iterations 2 --n_trajectories 1 --ddim_steps 2 --batch_size 2",
     "domain_correction.py": "--iterations 2 --warm_up 1 --batch_size 2 --n_anchor_images 3 --anchor_steps 2",
     "sgrace.py": "--rounds 1 --attack_steps 1 --erase_steps 2",
-    "evaluate.py": "--seeds 1 --far_seeds 1 --attack_steps 2",
+    "evaluate.py": "--seeds 1 --far_seeds 1 --attack_timesteps 1 --attack_iterations 2",
     "benchmark.py": "--quick --methods uce",
     "sdscale.py": "--narrow",
 }
