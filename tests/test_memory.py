@@ -215,6 +215,16 @@ def test_changed_tensors_under_mixed_precision(sd_like):
     assert list(tensors) == ["unet.conv_in.weight"] and tensors["unet.conv_in.weight"].dtype == torch.float32
 
 
+def test_fp16_on_a_cpu_is_refused_before_loading(tmp_path, monkeypatch):
+    import esd
+
+    monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as error:
+        esd.main(["--model", "toy", "--concept", "circle", "--mixed_precision", "fp16", "--device", "cpu",
+                  "--output", str(tmp_path / "out")])
+    assert error.value.code == 2 and "--mixed_precision bf16" in str(error.value) and not (tmp_path / "out").exists()
+
+
 def test_unknown_mixed_precision_is_one_sentence(sd_like):
     with pytest.raises(SystemExit, match="--mixed_precision must be one of no, fp16, bf16"):
         common.set_mixed_precision(sd_like, "fp8")
