@@ -448,9 +448,11 @@ def sample_until(pipe, cond, uncond, seeds: list[int], steps: int, stop: int, gu
     return latents, int(ddim_timesteps(pipe, steps)[stop])
 
 
-def decode(pipe, latents, batch_size: int = 4) -> list[Image.Image]:
-    """PIL images of latents [B, 4, h, w], decoded `batch_size` at a time (VAE slicing: at 512 x 512 the
-    decoder's activations take ~1.5 GB per image in fp32, so 32 at once would not fit a 24 GB card)."""
+def decode(pipe, latents, batch_size: int | None = None) -> list[Image.Image]:
+    """PIL images of latents [B, 4, h, w], decoded `batch_size` at a time (default: 4 on the miniature model,
+    1 at SD size, as diffusers' VAE slicing: at 512 x 512 the decoder's activations take ~1.5 GB per image in
+    fp32, so 32 at once would not fit a 24 GB card)."""
+    batch_size = batch_size or (4 if pipe.base_model == "toy" else 1)
     out = []
     for i in range(0, len(latents), batch_size):
         chunk = latents[i:i + batch_size].to(pipe.vae.dtype)
@@ -588,6 +590,14 @@ def autocast(pipe):
     """torch.autocast in the pipeline's --mixed_precision dtype (a no-op at full precision)."""
     dtype = HALF[getattr(pipe, "mixed_precision", "no")]
     return torch.autocast(pipe.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def release(*optimizers):
+    """Drop the gradients and optimizer state (Adam's two moments) once training is over, before samples.png
+    is drawn: at SD size ESD-u's take 10 GB."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
 
 
 def reset_peak_memory(device):

@@ -453,6 +453,7 @@ def main(argv=None):
                 logs = dict(D=f"{loss_d.item():.3f}", **logs)
             bar.set_postfix(logs)
 
+    common.release(optimizer, disc_optimizer)
     unet.eval()
     seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in

@@ -178,6 +178,7 @@ def main(argv=None):
             scaler.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", t=t, word=word)
 
+    common.release(optimizer)
     unet.eval()
     seconds = time.time() - start  # the erasure itself, not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in

@@ -447,6 +447,7 @@ def main(argv=None):
                 scaler.step(optimizer)
                 scaler.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}", t=int(t[0]))
+        common.release(optimizer)
         merge_lora(unet)
 
     unet.eval().requires_grad_(False)

@@ -418,6 +418,7 @@ def main(argv=None):
             scaler.update()
             bar.set_postfix(logs)
 
+    common.release(optimizer)
     text_encoder.eval()
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]]

@@ -487,6 +487,7 @@ def train(args, pipe, profile: dict):
                 bar.update(1)
             timings["erase_seconds"] += time.time() - tick
     bar.close()
+    common.release(optimizer)
     text_encoder.eval().requires_grad_(False)
     return text_encoder, dict(**{k: round(v, 2) for k, v in timings.items()}, prompt=prompt,
                               settings={k: v for k, v in settings.items() if k != "banned_ids"},
