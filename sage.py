@@ -352,6 +352,7 @@ def main(argv=None):
         for step in common.timed(bar, profile, pipe.device):
             word = rng.choice(words)
             logs = {}
+            optimizer.zero_grad(set_to_none=True)
             if args.self_check and step >= args.warm_up and (step - args.warm_up) % args.check_every == 0:
                 # Eqs. 1-2, cyclic: the search starts inside the domain, from the newest accepted sample of this word
                 start_from = next((p for w, p in reversed(buffer) if w == word), concept_embeds[word])
@@ -392,7 +393,10 @@ def main(argv=None):
                 features = pooled(pipe, text_encoder, [retain_words[i] for i in index], args.pooling)
                 loss_glob = global_retention_loss(features, retain_features[index],
                                                   concept_feature[word] if args.with_concept_similarity else None)
-                loss, surrogate = loss + args.lambda_g * loss_glob.detach(), surrogate + args.lambda_g * loss_glob
+                loss = loss + args.lambda_g * loss_glob.detach()
+                # its gradient now, so that the text encoder's graph for --global_batch prompts (~7 GB at SD
+                # size) is freed before Eq. 7's U-Net rows; the gradients add up to Eq. 8's all the same
+                scaler.scale(args.lambda_g * loss_glob).backward()
                 logs.update(glob=f"{loss_glob.item():.2e}")
 
             if args.local_retention:  # Eq. 7, on the same z_t
@@ -412,8 +416,7 @@ def main(argv=None):
 
             if not torch.isfinite(loss):
                 common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(surrogate).backward()  # d surrogate / d theta = d L / d theta (Eq. 8)
+            scaler.scale(surrogate).backward()  # with Eq. 6's above: d surrogate / d theta = d L / d theta (Eq. 8)
             scaler.step(optimizer)
             scaler.update()
             bar.set_postfix(logs)
