@@ -81,6 +81,8 @@ class Args:
     kernels are ~200x slower; bf16 tensors take the same memory)"""
     device: str | None = None
     """--scale sd: 'cuda' or 'cpu' (default: cuda when available)"""
+    table_only: bool = False
+    """--scale sd: rewrite the RESULTS.md section from runs.jsonl without running anything"""
 
 
 def run_method(method: str, concept: str, folder: Path, extra: list[str]) -> float:
@@ -114,12 +116,12 @@ def figure(results_by_concept: dict, columns: int = 6):
     return canvas
 
 
-def machine() -> str:
+def machine(threads: int = 1) -> str:
     import diffusers
     import torch
     import transformers
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads 1, "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}, "
             f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"transformers {transformers.__version__}")
 
@@ -150,12 +152,13 @@ def sd_table(rows: list[dict]) -> str:
         return sum(steady) / len(steady) if steady else None
 
     esd = {r["precision"]: per_iteration(r) for r in rows if r["method"] == "esd" and "profile" in r}
-    lines = ["| method | precision | caching / anchor images GB | training GB | samples.png GB | peak GB | "
-             "s / iteration | × ESD |", "|---|---|---|---|---|---|---|---|"]
+    code = any("code" in r for r in rows)  # the commit a row was measured at, where a journal records it
+    lines = ["| method | precision | caching GiB | training GiB | samples.png GiB | peak GiB | "
+             "s / iteration | × ESD |" + (" code |" if code else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if code else "")]
     for r in rows:
         name = LABELS[r["method"]]
         if "profile" not in r:
-            lines.append(f"| {name} | {r['precision']} | – | – | – | {r['error']} | – | – |")
+            lines.append(f"| {name} | {r['precision']} | – | – | – | {r['error']} | – | – |" + (f" {r.get('code', '')} |" if code else ""))
             continue
         phases = {k: v["peak_memory_mb"] / 1024 for k, v in r["profile"].items() if isinstance(v, dict)}
         caching = max([v for k, v in phases.items() if k not in ("training", "samples")], default=None)
@@ -164,7 +167,7 @@ def sd_table(rows: list[dict]) -> str:
         gb = lambda v: f"{v:.1f}" if v is not None else "–"  # noqa: E731
         lines.append(f"| {name} | {r['precision']} | {gb(caching)} | {gb(phases.get('training'))} | "
                      f"{gb(phases.get('samples'))} | **{r['peak_memory_mb'] / 1024:.1f}** | "
-                     f"{f'{s_it:.1f}' if s_it else '–'} | {ratio} |")
+                     f"{f'{s_it:.1f}' if s_it else '–'} | {ratio} |" + (f" {r.get('code', '')} |" if code else ""))
     return "\n".join(lines)
 
 
@@ -182,6 +185,17 @@ def write_section(results: Path, body: str):
     tmp.replace(results)
 
 
+def git_commit() -> str:
+    """The checkout's commit (and '+' if it has uncommitted changes), or '' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                               text=True)
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
+    except OSError:
+        return ""
+
+
 def sd_scale(args):
     import torch
 
@@ -197,18 +211,20 @@ def sd_scale(args):
     work.mkdir(parents=True, exist_ok=True)
     journal = work / "runs.jsonl"
     done = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
-    for precision in precisions:
+    for precision in [] if args.table_only else precisions:
         for method in args.methods:
             if args.reuse and any(r["method"] == method and r["precision"] == precision for r in done):
                 continue
             row = sd_run(method, args, precision, work / f"{method}-{precision}")
-            row.update(date=time.strftime("%Y-%m-%d"), machine=(torch.cuda.get_device_name(0) if args.device.startswith(
-                "cuda") else machine()))
+            row.update(code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=(torch.cuda.get_device_name(0) if args.device.startswith(
+                "cuda") else machine(torch.get_num_threads())))
             done = [r for r in done if (r["method"], r["precision"]) != (method, precision)] + [row]
             with open(journal, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{method} {precision}: {row.get('peak_memory_mb', row.get('error'))} MB peak, "
                   f"{row['process_seconds']} s", flush=True)
+    if not done:
+        common.die(f"{journal} holds no run yet; run without --table_only first.")
     order = {(m, p): i for i, (p, m) in enumerate((p, m) for p in ("no", "fp16", "bf16") for m in METHODS)}
     rows = sorted(done, key=lambda r: order.get((r["method"], r["precision"]), 99))
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "process peak resident memory (VmHWM)"
@@ -218,10 +234,14 @@ def sd_scale(args):
         f"{args.model} --device {args.device}` (the pipeline: `python sdscale.py`, SD v1.4's configs with random "
         f"weights and the real CLIP tokenizer). Concept `{args.concept}`; each method at its SD defaults except "
         "the iteration count and the sampling steps (benchmark.py SD_CUTS; samples.png with 2 DDIM steps). Memory: "
-        f"{memory}, per phase, in GiB. s / iteration: mean over the iterations after the first; × ESD: "
-        "relative to ESD at the same precision in the same run. `bf16` on a CPU stands for `--mixed_precision "
-        "fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels are ~200x slower, so fp16 cannot be timed "
-        "there).", "", sd_table(rows), ""])
+        f"{memory}, per phase, in GiB (a 24 GB card holds 24 GiB); on a CPU a phase's peak includes memory "
+        "the allocator kept from the phases before it, so a later phase can read higher than it needs. "
+        "Caching: frozen text features, anchor images (DoCo), trajectories (RealEra). s / iteration: mean over "
+        "the iterations after the first (SAGE: with boundary samples; DoCo: a generator step after the "
+        "discriminator's warm-up; S-GRACE: one round, here 2 of its 10 attack steps + 50 erasure steps; UCE "
+        "has no iterations); × ESD: relative to ESD's iteration at the same precision in the same run. `bf16` "
+        "on a CPU stands for `--mixed_precision fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels "
+        "are ~200x slower, so fp16 cannot be timed there).", "", sd_table(rows), ""])
     write_section(Path(args.output) / "RESULTS.md", body)
     print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} ({journal})")
 
