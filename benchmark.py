@@ -251,6 +251,8 @@ def main(argv=None):
                                                      scale=("toy", "sd"), precisions=("no", "half", "fp16", "bf16")))
     if not args.methods or not args.concepts:
         common.die("--methods and --concepts need at least one entry each.")
+    if any(p.exists() and not p.is_dir() for p in [Path(args.output), *Path(args.output).parents]):
+        common.die(f"--output {args.output} is (or lies in) a file; choose a folder.")
     if args.scale == "sd":
         return sd_scale(args)
     concepts = args.concepts[:1] if args.quick else args.concepts

@@ -29,8 +29,12 @@ import time
 import typing
 from pathlib import Path
 
-import numpy as np
-import torch
+# transformers prints two notices about torchvision (not needed here) on every import of the pipeline; silence
+# them before it is first imported (a user's own TRANSFORMERS_VERBOSITY wins)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -93,6 +97,7 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = docs.get(f.name, "") + (" (required)" if required else f" (default: {default}" + (
             f"; toy: {toy_defaults[f.name]})" if f.name in toy_defaults else ")"))
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
@@ -130,6 +135,8 @@ def check_args(args, limits: dict | None = None):
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             die(f"--{name} must be a finite number, not {value}.")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**62:
+            die(f"--{name} is too large: {value}.")
     if isinstance(values.get("concept"), str):
         check_concept(values["concept"])
     if values.get("device") is not None:
@@ -262,7 +269,9 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         part.eval().requires_grad_(False)
-    pipe.base_model = "toy" if Path(path).resolve() == TOY_DIR else model
+    # a local folder is recorded by its absolute path, so that an erased model names it from any folder
+    pipe.base_model = "toy" if Path(path).resolve() == TOY_DIR else (
+        str(Path(path).resolve()) if Path(path).exists() else model)
     if pipe.base_model == "toy" and str(device or default_device()) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the miniature model's many small kernels run as fast on one thread as on two, and two threads
         # slow to a crawl (10-50x) as soon as another process shares the cores
@@ -902,7 +911,7 @@ class SampleArgs:
     """where the PNG grid is written"""
 
 
-SAMPLE_LIMITS = dict(prompts="non-empty", erased="erased model", seeds=">= 1", steps="[1, 1000]", guidance=">= 0",
+SAMPLE_LIMITS = dict(prompts="non-empty", erased="erased model", seeds="[1, 1000]", steps="[1, 1000]", guidance=">= 0",
                      output="non-empty")
 
 
@@ -930,6 +939,11 @@ def main(argv=None):
     args = parse_args(SampleArgs, argv, limits=SAMPLE_LIMITS)
     if not args.prompts:
         die("--prompts needs at least one prompt.")
+    output = Path(args.output)
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or output.is_dir():
+        die(f"--output {args.output} must be an image file name ending in .png, .jpg or .webp.")
+    if any(p.exists() and not p.is_dir() for p in output.parents):
+        die(f"--output {args.output}: a part of its folder path is a file.")
     pipe = load_pipeline(args.model)
     if args.erased:
         check_erased(pipe, args.erased)  # before the original's row is drawn

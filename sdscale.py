@@ -161,6 +161,8 @@ def main(argv=None):
         if args.tokenizer_only:
             return
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        common.die(f"--output {out} is a file; choose a folder.")
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
         common.die(f"{out} exists and is not a pipeline folder; choose another --output.")
     common.atomic_save_dir(out, lambda tmp: build_pipeline(tmp, **(NARROW if args.narrow else {})))
