@@ -241,7 +241,10 @@ def sd_scale(args):
         "discriminator's warm-up; S-GRACE: one round, here 2 of its 10 attack steps + 50 erasure steps; UCE "
         "has no iterations); × ESD: relative to ESD's iteration at the same precision in the same run. `bf16` "
         "on a CPU stands for `--mixed_precision fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels "
-        "are ~200x slower, so fp16 cannot be timed there).", "", sd_table(rows), ""])
+        "are ~200x slower, so fp16 cannot be timed there). code: the commit a row ran at (`git log` tells what "
+        "changed since; rows at 8dcae0d predate three changes that only lower peaks: optimizer state released "
+        "before samples.png, one image per VAE decode at SD size, SAGE's Eq. 6 gradient taken at once).", "",
+        sd_table(rows), ""])
     write_section(Path(args.output) / "RESULTS.md", body)
     print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} ({journal})")
 
