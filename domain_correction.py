@@ -22,7 +22,8 @@ Equations (numbered as in docs/domain_correction.md; z0 is the latent of an anch
   (5) L_r   = || eps(z'_t, c'_anchor) - eps' ||^2   (prior images, own captions)   retain_loss
   (6) g_u  <- g_u - lambda * min(0, <g_u, g_r>) / ||g_r||^2 * g_r   per tensor   project_conflicting
       theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta
-Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained.
+Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained, and, as in the
+official attention processor, the key and value of the start-of-text token pass them no gradient.
 """
 import dataclasses
 import json
@@ -108,7 +109,10 @@ class Args:
     """weight of the retain gradient added to the update (default, as official: 0 with surgery, where
     the retain gradient only steers; 0.1 with --surgery none, the official loss + 0.1 * prior_loss)"""
     max_grad_norm: float = 1.0
-    """global gradient-norm clip of the U-Net update (official: 1)"""
+    """global gradient-norm clip of the U-Net update (official HEAD: 1; the first official release clipped nothing)"""
+    sot_gradient: bool = False
+    """let the start-of-text token's key and value pass gradient to attn2.to_k/to_v (this project's behaviour
+    before issue 16). Default, as the official attention processor: they carry none (the paper is silent)"""
     unet_batch: int = 4
     """U-Net rows per forward/backward chunk of the forget and retain batches; gradients are accumulated
     over chunks, so this changes memory, not the result (4 fits SD v1.4 on a 24 GB GPU; official: all 8 at once,
@@ -395,6 +399,20 @@ def noise_predictions(frozen_unet, unet, z_t, t, anchor_ctx, target_ctx, unet_ba
     return eps_anchor, eps_target
 
 
+def stop_start_token_gradient(unet) -> list:
+    """The official attention processor's detail (DoCo/model_pipeline.py, CustomDiffusionAttnProcessor): in every
+    cross-attention layer the key and value of the first context position, the start-of-text token, carry no
+    gradient; the forward pass is unchanged. Forward hooks on the attn2.to_k / attn2.to_v outputs [B, L, C];
+    returns their handles (call .remove() on each to undo)."""
+    def detach_first_position(module, inputs, output):
+        if not output.requires_grad:
+            return None
+        return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+    return [m.register_forward_hook(detach_first_position) for name, m in unet.named_modules()
+            if name.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
 def concept_preserving_step(params, optimizer, unlearn_grads, retain_grads, args, retain_weight: float) -> int:
     """Eq. (6) and the U-Net update: the surgery of --surgery on g_u, plus retain_weight * g_r, clipped to
     --max_grad_norm (the official variant clips before its adjustment instead), one AdamW step. Returns how
@@ -429,6 +447,7 @@ def train(args, pipe, settings: dict, image_captions: list[str], z0_mean, z0_std
     """The adversarial game with the concept-preserving gradient; returns the trained U-Net copy. Records
     the peak memory and seconds of training, and of each step, in `profile`."""
     unet = common.trainable_copy(pipe.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    hooks = [] if args.sot_gradient else stop_start_token_gradient(unet)
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -483,6 +502,8 @@ def train(args, pipe, settings: dict, image_captions: list[str], z0_mean, z0_std
                 logs = dict(D=f"{loss_d.item():.3f}", **logs)
             bar.set_postfix(logs)
     common.release(optimizer, disc_optimizer)
+    for hook in hooks:
+        hook.remove()
     return unet.eval()
 
 

@@ -157,3 +157,49 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert keys == kv_names(common.load_pipeline(str(sd_like_path), device="cpu").unet) and len(keys) == 32
     config = json.loads((out / "config.json").read_text())
     assert config["anchor"] == "building" and config["dlr"] == 1e-4 and config["args"]["lr"] == 4.8e-5
+
+
+def test_start_token_gradient_stop_by_hand():
+    """One attn2.to_k with weight W = [[1, 1]] on a context of three positions x0 = (1, 0), x1 = (0, 2), x2 = (3, 0).
+    The keys are 1, 2, 3 with or without the stop. d sum(keys)/dW = x0 + x1 + x2 = (4, 2) without it and
+    x1 + x2 = (3, 2) with it; d sum(keys)/d x0 = W = (1, 1) without it and (0, 0) with it."""
+    to_k = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        to_k.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    model = torch.nn.ModuleDict({"attn2": torch.nn.ModuleDict({"to_k": to_k})})
+    expected = {False: ([4.0, 2.0], [1.0, 1.0]), True: ([3.0, 2.0], [0.0, 0.0])}
+    for stop, (weight_grad, first_grad) in expected.items():
+        hooks = dc.stop_start_token_gradient(model) if stop else []
+        assert len(hooks) == int(stop)
+        context = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]], requires_grad=True)
+        keys = model["attn2"]["to_k"](context)
+        assert keys.flatten().tolist() == [1.0, 2.0, 3.0]
+        keys.sum().backward()
+        assert to_k.weight.grad.flatten().tolist() == weight_grad
+        assert context.grad[0, 0].tolist() == first_grad and context.grad[0, 1].tolist() == [1.0, 1.0]
+        to_k.weight.grad = None
+        for hook in hooks:
+            hook.remove()
+
+
+def test_start_token_gradient_stop_on_the_unet(toy):
+    """On the miniature U-Net: the same output with the stop, no gradient to the context's position 0 (it
+    reaches the U-Net only through attn2.to_k/to_v), and some gradient with --sot_gradient."""
+    unet = common.trainable_copy(toy.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    gen = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    z_t = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
+    t = torch.tensor([100, 700])
+    context = common.encode(toy, ["a red circle", "a blue square"]).detach()
+    outputs, first_grads = {}, {}
+    for stop in (False, True):
+        hooks = dc.stop_start_token_gradient(unet) if stop else []
+        assert len(hooks) == (2 * sum(n.endswith("attn2") for n, _ in unet.named_modules()) if stop else 0)
+        ctx = context.clone().requires_grad_(True)
+        out = unet(z_t, t, encoder_hidden_states=ctx).sample
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
+        outputs[stop], first_grads[stop] = out.detach(), ctx.grad[:, 0].abs().max().item()
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(outputs[True], outputs[False])
+    assert first_grads[True] == 0.0 and first_grads[False] > 0
