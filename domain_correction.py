@@ -41,9 +41,24 @@ from tqdm import tqdm
 
 import common
 
-# Anchors the official README uses (nudity -> "clothed", Van Gogh -> "painting"); other concepts
-# take the anchor of common.concept_info (the miniature world's "blob" / "gray").
-ANCHORS = {"nudity": "clothed", "van gogh": "painting", "church": "building"}
+# Per-kind defaults, a row per concept kind with its source: the anchor concept, how a forget prompt is made
+# from an anchor caption ('replace' the anchor word by a concept word, or 'append' a style phrase), and the
+# discriminator's learning rate. anchor None = the concept's own anchor, without its article (its concept
+# file's: church -> "building"; the miniature world's: blob for objects, gray for colours). A flag beats its row.
+KIND_DEFAULTS = {
+    "object": dict(anchor=None, forget_mode="replace", dlr=1e-4,
+                   source="official README 'Unlearning Instance' (parachute, anchor airplane): --concept_type object, "
+                          "--dlr 0.0001; the anchor word of each caption replaced by the concept (utils.__getprompt__)"),
+    "style": dict(anchor="painting", forget_mode="append", dlr=5e-4,
+                  source="official README 'Unlearning Style' (van gogh, anchor painting): --concept_type style, "
+                         "--dlr 0.0005; utils.__getprompt__: '<caption>, in the style of <word>' 1/3, "
+                         "\"in <word>'s style, <caption>\" 2/3"),
+    "nudity": dict(anchor="clothed", forget_mode="replace", dlr=1e-4,
+                   source="official README 'Unlearning Nudity': run as an object, --caption_target clothed+nudity, "
+                          "--dlr 0.0001"),
+    "colour": dict(anchor=None, forget_mode="replace", dlr=1e-4,
+                   source="ours, miniature world only: a colour is replaced in the captions as an object is"),
+}
 # Anchor captions for SD v1.4 ("{}" is the anchor word). The official code asks an LLM (objects)
 # or retrieves LAION captions (styles) for 200 captions; offline, we use these or --anchor_prompts.
 SD_CAPTIONS = {
@@ -70,11 +85,11 @@ class Args:
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept in the forget prompts (default: the concept table's words)"""
     anchor: str | None = None
-    """anchor concept whose output domain the target is mapped onto (default: nudity->clothed,
-    van gogh->painting, church->building; toy: the world's anchor, blob or gray)"""
+    """anchor concept whose output domain the target is mapped onto (default by kind, KIND_DEFAULTS: 'painting'
+    for styles, 'clothed' for nudity, the concept's own anchor for objects: church->building; toy: blob or gray)"""
     forget_mode: str | None = None
     """how a forget prompt is made from an anchor caption: 'replace' (the anchor word becomes a concept
-    word; objects, colours, nudity) or 'append' (', in the style of <word>'; styles). Default by concept kind"""
+    word; objects, colours, nudity) or 'append' (', in the style of <word>'; styles). Default by kind"""
     anchor_prompts: str | None = None
     """text file of anchor captions, one per line (default: built-in caption templates)"""
     n_anchor_images: int = 1000
@@ -94,7 +109,7 @@ class Args:
     weight_decay: float = 1e-2
     """AdamW weight decay (official: 1e-2)"""
     dlr: float | None = None
-    """discriminator Adam learning rate (default, official README: 5e-4 for styles, 1e-4 otherwise)"""
+    """discriminator Adam learning rate (default by kind, official README: 5e-4 for styles, 1e-4 otherwise)"""
     disc_width: int = 64
     """channels of the discriminator's first block, doubled per block (official PatchGAN: 64)"""
     unlearn_loss: str = "adversarial"
@@ -169,8 +184,8 @@ def anchor_captions(info: dict, anchor: str, model: str, rng: random.Random) -> 
 
 def forget_prompt(caption: str, anchor: str, word: str, mode: str, rng: random.Random) -> str:
     """The anchor caption turned into a prompt for the concept (official utils.__getprompt__)."""
-    if mode == "append":
-        return rng.choice([f"{caption}, in the style of {word}", f"in {word}'s style, {caption}"])
+    if mode == "append":  # official: r ~ U{0, 1, 2}; r = 0 -> the first form, r = 1 or 2 -> the second
+        return f"{caption}, in the style of {word}" if rng.randrange(3) == 0 else f"in {word}'s style, {caption}"
     return re.sub(rf"\b{re.escape(anchor)}\b", word, caption)
 
 
@@ -336,15 +351,21 @@ def official_adjust(unlearn_grads, retain_grads, lam: float = 1.0, max_norm: flo
 # The steps of main: settings, anchor captions and images, the adversarial game, the update
 # ---------------------------------------------------------------------------------------------
 def concept_settings(args, info: dict) -> dict:
-    """The anchor, forget words, forget mode, discriminator lr and retain weight of this run: the flags,
-    else the defaults of the concept and its kind."""
-    anchor = args.anchor or (info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], ""))
+    """The settings of this run, as config.json records them: the concept's kind, anchor, forget words, forget
+    mode, discriminator lr, retain weight, and where the defaults come from. A flag beats its kind's row of
+    KIND_DEFAULTS; stops with one sentence for a kind without a row or a concept without an anchor."""
+    row = KIND_DEFAULTS.get(info["kind"])
+    if row is None:
+        common.die(f"DoCo has no defaults for a concept of kind '{info['kind']}'; pass --kind "
+                   f"({', '.join(k for k in KIND_DEFAULTS if k != 'colour')}).")
+    own_anchor = re.sub(r"^(a|an|the)\s+", "", (info.get("anchor") or "").strip(), flags=re.IGNORECASE)
+    anchor = args.anchor or row["anchor"] or own_anchor
     if not anchor.strip():
         common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
-    return dict(anchor=anchor, words=args.words or info["words"],
-                forget_mode=args.forget_mode or ("append" if info["kind"] == "style" else "replace"),
-                dlr=args.dlr or (5e-4 if info["kind"] == "style" else 1e-4),
-                retain_weight=args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0))
+    retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0)
+    return dict(kind=info["kind"], anchor=anchor, words=args.words or info["words"],
+                forget_mode=args.forget_mode or row["forget_mode"], dlr=args.dlr or row["dlr"],
+                retain_weight=retain_weight, defaults=row["source"])
 
 
 def load_anchor_captions(args, info: dict, settings: dict, rng: random.Random) -> list[str]:

@@ -111,6 +111,60 @@ def test_forget_prompts_and_anchor_captions():
     assert all("painting" in c for c in dc.anchor_captions(common.concept_info("van gogh", "sd"), "painting", "sd", rng))
 
 
+class Cycle:
+    """A stand-in for random.Random whose randrange returns 0, 1, 2, 0, ... in turn."""
+    def __init__(self):
+        self.calls = 0
+
+    def randrange(self, n):
+        self.calls += 1
+        return (self.calls - 1) % n
+
+
+def test_style_forget_prompts_split_one_third_two_thirds():
+    """The official __getprompt__ draws r from {0, 1, 2}: r = 0 gives '<caption>, in the style of <word>', r = 1 or 2
+    "in <word>'s style, <caption>". Three draws 0, 1, 2 give the first form once and the second twice; a seeded
+    run of 3000 lands near 1000 : 2000."""
+    rng = Cycle()
+    prompts = [dc.forget_prompt("a painting of a house", "painting", "Monet", "append", rng) for _ in range(3)]
+    assert prompts == ["a painting of a house, in the style of Monet", "in Monet's style, a painting of a house",
+                       "in Monet's style, a painting of a house"]
+    rng = random.Random(0)
+    first = sum(dc.forget_prompt("c", "a", "w", "append", rng).startswith("c, ") for _ in range(3000))
+    assert abs(first - 1000) < 90  # 1000 +- 3.5 standard deviations (sqrt(3000 * 1/3 * 2/3) = 25.8)
+
+
+def sd_info(kind, anchor="", words=("claude monet",)):
+    return dict(kind=kind, name=words[0], words=list(words), held_out=[], near=[], anchor=anchor, others=[],
+                templates=["{}", "a photo of {}", "a painting of {}"])
+
+
+def test_each_kind_resolves_to_its_row_and_a_flag_beats_it():
+    """KIND_DEFAULTS, read off the official README's three runs: styles map onto 'painting' with appended style
+    phrases and dlr 5e-4; nudity onto 'clothed', replaced, 1e-4; objects onto their own anchor (article dropped),
+    replaced, 1e-4; the miniature world's objects and colours onto blob and gray (toy dlr 1e-3)."""
+    sd_args = lambda *flags: common.parse_args(dc.Args, ["--concept", "claude monet", *flags])  # noqa: E731
+    style = dc.concept_settings(sd_args(), sd_info("style", anchor="art"))
+    assert (style["kind"], style["anchor"], style["forget_mode"], style["dlr"]) == ("style", "painting", "append", 5e-4)
+    assert "Unlearning Style" in style["defaults"] and style["words"] == ["claude monet"]
+    nudity = dc.concept_settings(sd_args(), sd_info("nudity", words=("nudity", "nude")))
+    assert (nudity["anchor"], nudity["forget_mode"], nudity["dlr"]) == ("clothed", "replace", 1e-4)
+    church = dc.concept_settings(sd_args(), sd_info("object", anchor="a building", words=("church",)))
+    assert (church["anchor"], church["forget_mode"], church["dlr"]) == ("building", "replace", 1e-4)
+    assert church["retain_weight"] == 0.0
+    flags = dc.concept_settings(sd_args("--anchor", "art", "--forget_mode", "replace", "--dlr", "3e-4", "--surgery", "none"),
+                                sd_info("style"))
+    assert (flags["anchor"], flags["forget_mode"], flags["dlr"], flags["retain_weight"]) == ("art", "replace", 3e-4, 0.1)
+    for concept, anchor in [("circle", "blob"), ("red", "gray")]:
+        toy = dc.concept_settings(common.parse_args(dc.Args, ["--model", "toy", "--concept", concept],
+                                                    toy_defaults=dc.TOY_DEFAULTS), common.concept_info(concept, "toy"))
+        assert (toy["anchor"], toy["forget_mode"], toy["dlr"]) == (anchor, "replace", dc.TOY_DEFAULTS["dlr"])
+    with pytest.raises(SystemExit, match="--anchor"):
+        dc.concept_settings(sd_args(), sd_info("object"))
+    with pytest.raises(SystemExit, match="--kind"):
+        dc.concept_settings(sd_args(), sd_info("custom"))
+
+
 TOY_RUN = ["--model", "toy", "--concept", "circle", "--iterations", "2", "--warm_up", "1", "--batch_size", "2",
            "--n_anchor_images", "3", "--anchor_steps", "2", "--samples", "a circle"]
 
@@ -148,7 +202,8 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_sd_interface_one_iteration(sd_like_path, tmp_path):
-    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context)."""
+    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context), an
+    object and a style: config.json records the settings each kind resolved to."""
     out = tmp_path / "doco-church"
     dc.main(["--model", str(sd_like_path), "--concept", "church", "--iterations", "1", "--warm_up", "0",
              "--batch_size", "1", "--n_anchor_images", "2", "--anchor_steps", "2", "--samples", "a church",
@@ -157,6 +212,15 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert keys == kv_names(common.load_pipeline(str(sd_like_path), device="cpu").unet) and len(keys) == 32
     config = json.loads((out / "config.json").read_text())
     assert config["anchor"] == "building" and config["dlr"] == 1e-4 and config["args"]["lr"] == 4.8e-5
+    assert config["kind"] == "object" and config["forget_mode"] == "replace" and not config["args"]["sot_gradient"]
+    out = tmp_path / "doco-style"
+    dc.main(["--model", str(sd_like_path), "--concept", "van gogh", "--iterations", "1", "--warm_up", "0",
+             "--batch_size", "1", "--n_anchor_images", "1", "--anchor_steps", "1", "--samples", "a painting",
+             "--sample_steps", "1", "--output", str(out), "--device", "cpu"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["kind"], config["anchor"], config["forget_mode"], config["dlr"]) == ("style", "painting", "append", 5e-4)
+    assert "Unlearning Style" in config["defaults"]
+    assert json.loads((out / "anchor_images" / "meta.json").read_text())["captions"] == ["a painting of a house"]
 
 
 def test_start_token_gradient_stop_by_hand():
