@@ -14,14 +14,14 @@ then stripped, tensor by tensor, of any component that conflicts with the gradie
 denoising ("retain") loss on anchor images, so unlearning does not undo what should be kept.
 
 Equations (numbered as in docs/domain_correction.md; z0 is the latent of an anchor image):
-  (1) z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}          scheduler.add_noise
+  (1) z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}          noisy_latents
   (2) x0(e) = (z_t - sqrt(1 - a_t) e) / sqrt(a_t)                       predicted_x0
   (3) L_D   = BCE(D(x0(eps*(z_t, c_anchor))), 0) + BCE(D(x0(eps(z_t, c_target))), 1)
                                                                          discriminator_loss
   (4) L_adv = BCE(D(x0(eps(z_t, c_target))), 0)                          generator_loss
   (5) L_r   = || eps(z'_t, c'_anchor) - eps' ||^2   (prior images, own captions)   retain_loss
   (6) g_u  <- g_u - lambda * min(0, <g_u, g_r>) / ||g_r||^2 * g_r   per tensor   project_conflicting
-      theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta
+      theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta      concept_preserving_step
 Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained, and, as in the
 official attention processor, the key and value of the start-of-text token pass them no gradient.
 """
