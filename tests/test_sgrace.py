@@ -265,8 +265,13 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_sd_interface_one_round(sd_like_path, tmp_path):
-    """One round on the tiny SD-v1.4-interface model (77 tokens, 768-d), the AdvUnlearn-style options."""
+def test_sd_interface_one_round(sd_like_path, tmp_path, monkeypatch):
+    """One round on the tiny SD-v1.4-interface model (77 tokens, 768-d), the AdvUnlearn-style options. samples.png
+    shows, in church's second template 'a {} in the city', the concept, a held-out word and a near concept."""
+    shown = []
+    before_after = common.before_after
+    monkeypatch.setattr(common, "before_after", lambda pipe, prompts, *a, **k: shown.append(prompts) or before_after(
+        pipe, prompts, *a, **k))
     out = tmp_path / "erased"
     sgrace.main(["--model", str(sd_like_path), "--concept", "church", "--device", "cpu", "--projection", "none",
                  "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples", "2", "--output", str(out)])
@@ -275,6 +280,7 @@ def test_sd_interface_one_round(sd_like_path, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["prompt"] == "a photo of church" and config["settings"]["max_words"] == 20
     assert config["settings"]["row"] == "church" and config["args"]["samples"] == []
+    assert shown[0] == ["a church in the city", "a chapel in the city", "a castle in the city"]
     out_esd = tmp_path / "esd"
     sgrace.main(["--model", str(sd_like_path), "--concept", "church", "--device", "cpu", "--projection", "none",
                  "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples", "1", "--init", "target",
