@@ -43,8 +43,9 @@ import common
 
 # Per-kind defaults, a row per concept kind with its source: the anchor concept, how a forget prompt is made
 # from an anchor caption ('replace' the anchor word by a concept word, or 'append' a style phrase), and the
-# discriminator's learning rate. anchor None = the concept's own anchor, without its article (its concept
-# file's: church -> "building"; the miniature world's: blob for objects, gray for colours). A flag beats its row.
+# discriminator's learning rate. A flag beats its row, and a concept file's own DoCo anchor ("anchors":
+# {"domain_correction": ...}) beats the row's. anchor None = the concept's anchor, without its article
+# (church's "a building" -> "building"; the miniature world's blob for objects, gray for colours).
 KIND_DEFAULTS = {
     "object": dict(anchor=None, forget_mode="replace", dlr=1e-4,
                    source="official README 'Unlearning Instance' (parachute, anchor airplane): --concept_type object, "
@@ -359,7 +360,7 @@ def concept_settings(args, info: dict) -> dict:
         common.die(f"DoCo has no defaults for a concept of kind '{info['kind']}'; pass --kind "
                    f"({', '.join(k for k in KIND_DEFAULTS if k != 'colour')}).")
     own_anchor = re.sub(r"^(a|an|the)\s+", "", (info.get("anchor") or "").strip(), flags=re.IGNORECASE)
-    anchor = args.anchor or row["anchor"] or own_anchor
+    anchor = args.anchor or info.get("anchors", {}).get("domain_correction") or row["anchor"] or own_anchor
     if not anchor.strip():
         common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
     retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0)

@@ -152,6 +152,8 @@ def test_each_kind_resolves_to_its_row_and_a_flag_beats_it():
     church = dc.concept_settings(sd_args(), sd_info("object", anchor="a building", words=("church",)))
     assert (church["anchor"], church["forget_mode"], church["dlr"]) == ("building", "replace", 1e-4)
     assert church["retain_weight"] == 0.0
+    own = dc.concept_settings(sd_args(), dict(sd_info("style"), anchors={"domain_correction": "oil painting"}))
+    assert own["anchor"] == "oil painting"  # the concept file's own DoCo anchor beats the row's
     flags = dc.concept_settings(sd_args("--anchor", "art", "--forget_mode", "replace", "--dlr", "3e-4", "--surgery", "none"),
                                 sd_info("style"))
     assert (flags["anchor"], flags["forget_mode"], flags["dlr"], flags["retain_weight"]) == ("art", "replace", 3e-4, 0.1)
