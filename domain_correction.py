@@ -77,8 +77,15 @@ SD_CAPTIONS = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -362,7 +369,7 @@ def concept_settings(args, info: dict) -> dict:
     own_anchor = re.sub(r"^(a|an|the)\s+", "", (info.get("anchor") or "").strip(), flags=re.IGNORECASE)
     anchor = args.anchor or info.get("anchors", {}).get("domain_correction") or row["anchor"] or own_anchor
     if not anchor.strip():
-        common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
+        common.die(f"no anchor concept is known for '{info['name']}'; pass one, e.g. --anchor building.")
     retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0)
     return dict(kind=info["kind"], anchor=anchor, words=args.words or info["words"],
                 forget_mode=args.forget_mode or row["forget_mode"], dlr=args.dlr or row["dlr"],
@@ -534,7 +541,7 @@ def main(argv=None):
     if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
         common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
                    f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     settings = concept_settings(args, info)
     out = Path(args.output or f"outputs/domain_correction-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)

@@ -204,8 +204,8 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_sd_interface_one_iteration(sd_like_path, tmp_path):
-    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context), an
-    object and a style: config.json records the settings each kind resolved to."""
+    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context), church
+    and a new artist (--kind style): config.json records the settings each kind resolved to."""
     out = tmp_path / "doco-church"
     dc.main(["--model", str(sd_like_path), "--concept", "church", "--iterations", "1", "--warm_up", "0",
              "--batch_size", "1", "--n_anchor_images", "2", "--anchor_steps", "2", "--samples", "a church",
@@ -216,7 +216,7 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert config["anchor"] == "building" and config["dlr"] == 1e-4 and config["args"]["lr"] == 4.8e-5
     assert config["kind"] == "object" and config["forget_mode"] == "replace" and not config["args"]["sot_gradient"]
     out = tmp_path / "doco-style"
-    dc.main(["--model", str(sd_like_path), "--concept", "van gogh", "--iterations", "1", "--warm_up", "0",
+    dc.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--iterations", "1", "--warm_up", "0",
              "--batch_size", "1", "--n_anchor_images", "1", "--anchor_steps", "1", "--samples", "a painting",
              "--sample_steps", "1", "--output", str(out), "--device", "cpu"])
     config = json.loads((out / "config.json").read_text())

@@ -286,6 +286,13 @@ def test_sd_interface_one_round(sd_like_path, tmp_path, monkeypatch):
                  "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples", "1", "--init", "target",
                  "--random_ids", "1", "--semantic_weight", "0", "--erase_loss", "esd", "--output", str(out_esd)])
     assert load_file(out_esd / "erased.safetensors")
+    out_style = tmp_path / "style"
+    sgrace.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--device", "cpu",
+                 "--projection", "none", "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples",
+                 "2", "--latent_steps", "2", "--fallback_words", "8", "--sample_steps", "1", "--output", str(out_style)])
+    config = json.loads((out_style / "config.json").read_text())
+    assert config["settings"]["row"] == "van gogh" and config["prompt"] == "a picture of claude monet"
+    assert config["related"][0] == "claude monet" and len(config["unrelated"]) == 8
 
 
 def test_random_ids_never_draw_held_out_words(toy):
