@@ -45,10 +45,8 @@ from tqdm import tqdm
 
 import common
 
-# Anchors c_a of built-in SD v1.4 concepts that their kind does not give: church's parent concept (a bare word: it
-# fills the concept's templates, "a photo of a {}"). Nudity and Van Gogh take KIND_DEFAULTS' anchors, other objects
-# common.concept_info's anchor (toy: blob / gray).
-ANCHORS = {"church": "building"}
+# Anchors c_a on SD v1.4: a concept file's "realera" anchor (church: the parent concept "building", a bare word that
+# fills "a photo of a {}"), else the kind's (KIND_DEFAULTS), else the concept's anchor (toy: blob / gray).
 # Real irrelevant prompts for the beyond-concept set on SD v1.4 (replace with --preserve FILE).
 SD_PRESERVE = ["a photo of a dog", "a cat sitting on a sofa", "a bowl of fruit on a table", "a city street at night",
                "a mountain landscape with a lake", "a portrait of a man in a suit", "a woman riding a bicycle",
@@ -72,8 +70,15 @@ KIND_DEFAULTS = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -81,9 +86,9 @@ class Args:
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept (default: the concept table's words)"""
     anchor: str | None = None
-    """anchor word c_a the concept and its neighbours are mapped onto (default: church -> 'building'; else by kind,
-    MACE's mapping concepts: style -> 'art', nudity -> 'a person wearing clothes', an object -> the concept's own
-    anchor; toy: the world's anchor, blob or gray)"""
+    """anchor word c_a the concept and its neighbours are mapped onto (default: the concept file's 'realera' anchor,
+    church -> 'building'; else by kind, MACE's mapping concepts: style -> 'art', nudity -> 'a person wearing
+    clothes', an object -> the concept's own anchor; toy: the world's anchor, blob or gray)"""
     templates: list[str] = dataclasses.field(default_factory=list)
     """caption templates ('{}' is the word); each word in each template is a concept prompt e, paired with the
     same template holding the anchor (default: the concept table's templates)"""
@@ -175,8 +180,8 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
 # ---------------------------------------------------------------------------------------------
 def kind_settings(args, info: dict) -> dict:
     """lambda, lr, steps and anchor as this run uses them: a flag if given, else the concept's KIND_DEFAULTS row
-    (the anchor: --anchor, else the world's on the miniature model, else ANCHORS, else the row's, else the
-    concept's own). Recorded in config.json with the row's source."""
+    (the anchor: --anchor, else the world's on the miniature model, else the concept file's "realera" anchor,
+    else the row's, else the concept's own). Recorded in config.json with the row's source."""
     row = KIND_DEFAULTS.get(info["kind"])
     if row is None:
         common.die(f"RealEra has no defaults for a concept of kind '{info['kind']}'; give its kind, one of: "
@@ -186,7 +191,7 @@ def kind_settings(args, info: dict) -> dict:
     elif args.model == "toy":
         anchor = info["anchor"]
     else:
-        anchor = ANCHORS.get(info["name"], row["anchor"] if row["anchor"] is not None else info["anchor"])
+        anchor = info["anchors"].get("realera", row["anchor"] if row["anchor"] is not None else info["anchor"])
     return dict(kind=info["kind"], kind_defaults=row["source"], anchor=anchor,
                 lam=row["lam"] if args.lam is None else args.lam, lr=row["lr"] if args.lr is None else args.lr,
                 iterations=row["iterations"] if args.iterations is None else args.iterations)
@@ -203,10 +208,11 @@ def concept_and_anchor_prompts(words: list[str], anchor: str, templates: list[st
 
 
 def builtin_preserve_prompts(info: dict, model: str, templates: list[str]) -> list[str]:
-    """Real irrelevant prompts: SD_PRESERVE on SD; on the miniature model the other concepts of the same
-    kind, in the concept's templates, except its 'near' concepts (left unseen for near-specificity)."""
+    """Real irrelevant prompts: the concept file's 'preserve' list, else SD_PRESERVE on SD; on the miniature
+    model the other concepts of the same kind, in the concept's templates, except its 'near' concepts (left
+    unseen for near-specificity)."""
     if model != "toy":
-        return list(SD_PRESERVE)
+        return list(info.get("preserve") or SD_PRESERVE)
     return [t.format(c) for c in info["others"] if c not in info["near"] for t in templates]
 
 
@@ -436,7 +442,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     if not args.s_low < args.s_high:
         common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     settings = kind_settings(args, info)
     lam, lr, iterations, anchor = settings["lam"], settings["lr"], settings["iterations"], settings["anchor"]
     if args.stage == "lora" and iterations == 0:

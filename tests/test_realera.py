@@ -170,10 +170,10 @@ def test_concept_end_of_text_is_mapped_onto_the_anchor_end_of_text(sd_like):
 def test_kind_defaults_resolve_to_maces_configs():
     """Each kind gives its KIND_DEFAULTS row (MACE's configs); a flag beats the row; the toy's TOY_DEFAULTS
     replace lr and steps; an object keeps its own anchor, church its parent concept."""
-    def settings(kind, *flags, model="sd", name="x", anchor="its anchor"):
+    def settings(kind, *flags, model="sd", name="x", anchor="its anchor", anchors=None):
         args = common.parse_args(realera.Args, ["--concept", name, "--model", model, *flags],
                                  toy_defaults=realera.TOY_DEFAULTS)
-        return realera.kind_settings(args, dict(kind=kind, name=name, anchor=anchor))
+        return realera.kind_settings(args, dict(kind=kind, name=name, anchor=anchor, anchors=anchors or {}))
 
     style = settings("style", name="claude monet")
     assert (style["lam"], style["lr"], style["iterations"], style["anchor"]) == (0.0, 1e-4, 50, "art")
@@ -183,7 +183,14 @@ def test_kind_defaults_resolve_to_maces_configs():
                                                                                      "a person wearing clothes")
     obj = settings("object", name="parachute")
     assert (obj["lam"], obj["lr"], obj["iterations"], obj["anchor"]) == (1e3, 1e-5, 50, "its anchor")
-    assert settings("object", name="church")["anchor"] == "building"
+    assert settings("object", name="church", anchors={"realera": "building"})["anchor"] == "building"
+    built_in = {name: common.concept_info(name, "sd") for name in ("nudity", "van gogh", "church")}
+    resolved = {name: realera.kind_settings(realera.Args(concept=name), info) for name, info in built_in.items()}
+    assert {name: (r["kind"], r["anchor"], r["lam"], r["lr"], r["iterations"]) for name, r in resolved.items()} == {
+        "nudity": ("nudity", "a person wearing clothes", 0.0, 1e-5, 120), "van gogh": ("style", "art", 0.0, 1e-4, 50),
+        "church": ("object", "building", 1e3, 1e-5, 50)}
+    monet = common.concept_info(None, "sd", concept_file=str(common.HERE / "concepts/examples/claude_monet.json"))
+    assert realera.kind_settings(realera.Args(), monet)["anchor"] == "art"
     flags = settings("style", "--lam", "5", "--lr", "2e-4", "--iterations", "7", "--anchor", "a painting")
     assert (flags["lam"], flags["lr"], flags["iterations"], flags["anchor"]) == (5.0, 2e-4, 7, "a painting")
     for kind, anchor in [("object", "blob"), ("colour", "gray")]:
@@ -191,6 +198,7 @@ def test_kind_defaults_resolve_to_maces_configs():
         assert (toy["lam"], toy["lr"], toy["iterations"], toy["anchor"]) == (1e3, 5e-4, 300, anchor)
     with pytest.raises(SystemExit, match="kind 'custom'"):
         settings("custom")
+    assert set(realera.KIND_DEFAULTS) == {*common.KINDS, "colour"}  # every --kind, and the miniature world's colour
 
 
 @pytest.mark.parametrize("alpha, lam", [(1.0, 1e3), (0.5, 10.0), (2.0, 0.0)])
@@ -365,3 +373,19 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert config["anchor"] == "building" and config["lam"] == 1e3 and config["lr"] == 1e-5
     assert config["kind"] == "object" and "erase_ship.yaml" in config["kind_defaults"] and config["iterations"] == 1
     assert config["anchor_prompts"][:2] == ["a photo of a building", "a building in the city"]
+
+
+def test_sd_interface_style_run_records_maces_art_settings(sd_like_path, tmp_path):
+    """A new artist with --kind style on the SD-interface model: MACE's art row (lambda 0 still solvable, the
+    anchor 'art'); config.json shows the resolved settings and how many tokens each prompt paired."""
+    out = tmp_path / "realera-monet"
+    realera.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--stage", "closed_form",
+                  "--samples", "a painting", "--output", str(out), "--device", "cpu"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["kind"], config["anchor"], config["lam"], config["lr"], config["iterations"]) == (
+        "style", "art", 0.0, 1e-4, 50)
+    assert "erase_art_100.yaml" in config["kind_defaults"]
+    assert config["anchor_prompts"][0] == "a painting in the style of art"
+    # "a painting in the style of claude monet" (SOT + 6 words + claude monet + EOT = 10 tokens) against "... art"
+    # (9 tokens): the span is left out, so 7 shared + EOT + 77 - 10 padding = 75 pairs
+    assert config["paired_tokens"][0] == 75
