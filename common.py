@@ -112,7 +112,7 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
             parser.add_argument(f"--{f.name}", type=base, default=argparse.SUPPRESS, help=help_text, required=required)
     given = vars(parser.parse_args(argv))
     for name, value in given.items():  # a repeatable flag given once stays one text: the single-concept path
-        if isinstance(value, list) and str in typing.get_args(hints[name]) and len(value) == 1:
+        if isinstance(value, list) and len(value) == 1 and {str, list[str]} <= set(typing.get_args(hints[name])):
             given[name] = value[0]
     toy = given.get("model", getattr(cls, "model", None)) == "toy"
     args = cls(**{**(toy_defaults if toy else {}), **given})
