@@ -568,7 +568,7 @@ def main(argv=None):
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [" ".join(info["templates"][1].format(anchor).split())] if anchor.strip() else [])
     if len(infos) > 1:
-        stats.update(concepts={i["name"]: s for i, s in zip(infos, settings_of)})  # each concept's anchor and row
+        stats.update(concepts_settings={i["name"]: s for i, s in zip(infos, settings_of)})  # each concept's anchor and row
         sample_prompts = args.samples or [i["templates"][1].format(i["words"][0]) for i in infos]
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
