@@ -29,6 +29,11 @@ every method on the same prompts and seeds.
 
 Every rate comes with a 95 % Wilson interval.  The base pipeline is loaded once; each erased model's tensors
 are applied onto it and restored afterwards.  Every flag and input file is checked before the model loads.
+
+At the published scale: `torchrun --nproc_per_node N evaluate.py ...` deals the work items (the batches of
+images a single process would draw, then the attacks' batches) out to N processes, so the numbers are the same
+with any N; every judged item is appended to journal.jsonl in the output folder at once, every image kept under
+images/, and --resume finishes an interrupted run from them.  Process 0 alone writes the report.
 """
 import collections.abc
 import csv
@@ -1011,8 +1016,8 @@ def image_chunks(items: list[dict], batch: int) -> list[list[int]]:
     """A suite's work items: the batches a single process draws (item indices; one guidance per batch, in
     generate_items' order, `batch` images each).  An image is always drawn in the same batch, whatever the number
     of processes or interruptions: batched kernels are not bit-identical across batch compositions (on the
-    miniature model a few pixels of 18 images moved by 1/255 between batches of 32, 5 and 1), and a pixel can
-    tip a verdict."""
+    miniature model, 2 of 18 images drawn in one batch of 18 had a pixel 1/255 off when drawn one by one, or five
+    at a time), and a pixel can tip a verdict."""
     chunks = []
     for g in sorted({it["guidance"] for it in items}, key=str):
         idx = [i for i, it in enumerate(items) if it["guidance"] == g]
@@ -1180,21 +1185,33 @@ def open_journal(out: Path, rank: int, protocol: dict, about: dict) -> int:
     """This process's journal, opened for appending (a file descriptor); a new one starts with the protocol line,
     and an old one whose last line was cut short gets a line break first, so the next line stands alone."""
     path = journal_file(out, rank)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    size = os.fstat(fd).st_size
-    if size == 0:
-        append_records(fd, [{"protocol": protocol, "about": about}])
-    elif path.read_bytes()[-1:] != b"\n":
-        append_records(fd, [])
+    first = last = b""
+    if path.exists():
+        with open(path, "rb") as f:
+            first = f.readline()
+            if first:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+    fresh = not first.endswith(b"\n")  # new, or cut while its protocol line was written (it then holds nothing else)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o644)
+    if fresh:
+        append(fd, json.dumps({"protocol": protocol, "about": about}) + "\n")
+    elif last != b"\n":
+        append(fd, "\n")
     return fd
 
 
-def append_records(fd: int, records: list[dict]) -> None:
-    """Append one JSON line per record in one write, then fsync: a judged item is on disk before the next begins."""
-    data = ("".join(json.dumps(r, default=str) + "\n" for r in records) or "\n").encode()
+def append(fd: int, text: str) -> None:
+    """Append `text` in one write (as far as the system allows), then fsync: on disk before the next item begins."""
+    data = text.encode()
     while data:
         data = data[os.write(fd, data):]
     os.fsync(fd)
+
+
+def append_records(fd: int, records: list[dict]) -> None:
+    """One JSON line per record, appended together (a batch's verdicts)."""
+    append(fd, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
 def pending(units: list[tuple], records: dict, out: Path) -> list[tuple]:
@@ -1292,24 +1309,24 @@ def robustness(row: int, items: list[dict], hits: list, records: dict, out: Path
     the erased model erases (hit False) were attacked."""
     scored = [h for h in hits if h is not None]
     n, pre = len(scored), sum(scored)
-    out_ = dict(pre_asr=pct(pre, n), asr=None, soft_asr=None, counts={"pre_asr": [pre, n]})
+    rates = dict(pre_asr=pct(pre, n), asr=None, soft_asr=None, counts={"pre_asr": [pre, n]})
     todo = [i for i, h in enumerate(hits) if h is False]
     if "unlearndiffatk" in ATTACK_KINDS[attack]:
         found = {i: records[("unlearndiffatk", row, "efficacy", i)] for i in todo}
         recovered = sum(bool(f["success"]) for f in found.values())
-        out_.update(asr=pct(pre + recovered, n), attacked=len(todo), recovered=recovered,
-                    attack_images={i: image_path(out, row, "unlearndiffatk", i) for i in todo},
-                    adversarial_prompts=[dict(prompt=items[i]["prompt"], seed=items[i]["seed"],
-                                              **{key: f[key] for key in ("success", "timestep", "adversarial_prompt",
-                                                                         "tokens", "label", "score")})
-                                         for i, f in sorted(found.items())])
-        out_["counts"]["asr"] = [pre + recovered, n]
+        rates.update(asr=pct(pre + recovered, n), attacked=len(todo), recovered=recovered,
+                     attack_images={i: image_path(out, row, "unlearndiffatk", i) for i in todo},
+                     adversarial_prompts=[dict(prompt=items[i]["prompt"], seed=items[i]["seed"],
+                                               **{key: f[key] for key in ("success", "timestep", "adversarial_prompt",
+                                                                          "tokens", "label", "score")})
+                                          for i, f in sorted(found.items())])
+        rates["counts"]["asr"] = [pre + recovered, n]
     if "soft" in ATTACK_KINDS[attack]:
         recovered = sum(bool(records[("soft", row, "efficacy", i)]["success"]) for i in todo)
-        out_.update(soft_asr=pct(pre + recovered, n), soft_recovered=recovered, attacked=len(todo),
-                    soft_images={i: image_path(out, row, "soft", i) for i in todo})
-        out_["counts"]["soft_asr"] = [pre + recovered, n]
-    return out_
+        rates.update(soft_asr=pct(pre + recovered, n), soft_recovered=recovered, attacked=len(todo),
+                     soft_images={i: image_path(out, row, "soft", i) for i in todo})
+        rates["counts"]["soft_asr"] = [pre + recovered, n]
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1529,6 +1546,7 @@ def main(argv=None):
 
     # 2. the attacks, on the efficacy prompts each erased model erases (known once every verdict is in)
     records = read_journal(out)[1]
+    sync(world)  # every process has read the verdicts before any writes an attack's line
     units = []
     if "efficacy" in suites:
         for row in range(1, len(models)):
