@@ -1556,7 +1556,7 @@ def main(argv=None):
     todo = pending(units, records, out)
     if rank == 0 and units:
         total, left = sum(len(u[3]) for u in units), sum(len(u[3]) for u in todo)
-        print(f"{left} of {total} attacked prompts to attack ({total - left} already in the journal)", flush=True)
+        print(f"{left} of {total} prompt attacks to run ({total - left} already in the journal)", flush=True)
     mine = todo[rank::world]
     with tqdm(total=sum(len(u[3]) for u in mine), desc=f"process {rank}: attacks", unit="prompt", position=rank,
               disable=not mine) as bar:
