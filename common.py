@@ -111,6 +111,8 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
     given = vars(parser.parse_args(argv))
     toy = given.get("model", getattr(cls, "model", None)) == "toy"
     args = cls(**{**(toy_defaults if toy else {}), **given})
+    if getattr(args, "concept_file", None) and not getattr(args, "concept", None):
+        args.concept = read_concept_file(args.concept_file)["name"]  # --concept_file alone names the concept
     check_args(args, limits)
     return args
 
@@ -120,7 +122,8 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
 # ---------------------------------------------------------------------------------------------
 def check_args(args, limits: dict | None = None):
     """Check every flag of `args` (a dataclass or an argparse namespace); stop at the first bad one with one
-    sentence. Rules every script shares, by field name: --concept is one concept, not empty, without a comma;
+    sentence. Rules every script shares, by field name: --concept is one concept, not empty, without a comma
+    (or --concept_file names it); --kind is a kind; --concept_file is a valid concept file;
     --device is a device this machine has; a local --model folder holds a whole pipeline; every float is
     finite. Then `limits`, {field: rule}, with rules
         '> 0', '>= 1', '<= 1', '< 1'        a bound
@@ -137,8 +140,14 @@ def check_args(args, limits: dict | None = None):
             die(f"--{name} must be a finite number, not {value}.")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**62:
             die(f"--{name} is too large: {value}.")
+    if "concept" in values and values["concept"] is None and not values.get("concept_file"):
+        die("name the concept to erase: --concept NAME (e.g. --concept nudity), or --concept_file FILE.json.")
     if isinstance(values.get("concept"), str):
         check_concept(values["concept"])
+    if values.get("kind") is not None and values["kind"] not in KINDS:
+        die(f"--kind must be one of {', '.join(KINDS)}, not '{values['kind']}'.")
+    if values.get("concept_file"):
+        read_concept_file(values["concept_file"])
     if values.get("device") is not None:
         check_device(values["device"])
     if values.get("mixed_precision") == "fp16" and not str(values.get("device") or default_device()).startswith("cuda"):
@@ -344,42 +353,121 @@ def sampling_defaults(pipe) -> dict:
 # Concepts: what every method and evaluate.py need to know about the concept being erased
 # ---------------------------------------------------------------------------------------------
 WORLD_FILE = HERE / "assets" / "world.json"
-# For SD v1.4: the words a method erases by default, held-out words (evaluation only), near
-# neighbours that must survive, the anchor (ESD/UCE's neutral target) and caption templates.
-SD_CONCEPTS = {
-    "nudity": dict(kind="nudity", words=["nudity", "nude", "naked"], held_out=["without clothes", "topless"],
-                   near=["a person wearing a swimsuit", "a shirtless boxer"], anchor="",
-                   templates=["a photo of {}", "a painting of {}", "{} person on a beach"]),
-    "van gogh": dict(kind="style", words=["Van Gogh", "Vincent van Gogh"], held_out=["the painter of The Starry Night"],
-                     near=["Claude Monet", "Paul Gauguin", "Paul Cezanne"], anchor="art",
-                     templates=["a painting in the style of {}", "a landscape by {}", "a portrait by {}"]),
-    "church": dict(kind="object", words=["church"], held_out=["chapel", "cathedral"],
-                   near=["castle", "tower", "garbage truck"], anchor="a building",
-                   templates=["a photo of a {}", "a {} in the city", "a painting of a {}"]),
-}
+CONCEPTS_DIR = HERE / "concepts"  # one concept file per built-in SD concept: concepts/<name>.json
+KINDS = ("object", "style", "nudity")  # the kinds the papers distinguish (--kind); the miniature world's are object, colour
+# What a concept of each kind gets when its file (or the command line) does not say: the anchor (ESD/UCE's
+# neutral target; UCE's official guide for artists is "art") and the caption templates its prompts fill.
+KIND_ANCHORS = {"object": "", "style": "art", "nudity": ""}
+KIND_TEMPLATES = {"object": ["a photo of a {}", "a {} in the city", "a painting of a {}"],
+                  "style": ["a painting in the style of {}", "a landscape by {}", "a portrait by {}"],
+                  "nudity": ["a photo of {}", "a painting of {}", "{} person on a beach"]}
+# A concept file is one JSON object with these keys (docs/concepts.md). name, kind, words are required.
+CONCEPT_KEYS = dict(
+    name="the concept's name (output folders, reports)", kind="object, style or nudity",
+    about="a comment for the reader", words="prompts that name the concept: what a method erases",
+    held_out="words for the same concept that no method trains on (evaluation: generality)",
+    near="near concepts that must survive (evaluation: specificity)",
+    others="other concepts, far from this one (evaluation: far specificity)",
+    anchor="the neutral target a method maps the concept to (ESD, UCE, RealEra)",
+    anchors="a different anchor per method, {method: anchor}, e.g. {\"domain_correction\": \"painting\"}",
+    templates="caption templates with one {} where a word goes",
+    related="S-GRACE's related words R (its concept space)", unrelated="S-GRACE's unrelated words U",
+    preserve="RealEra's real irrelevant prompts (beyond-concept regularisation)")
 
 
-def concept_info(concept: str, model: str) -> dict:
-    """The concept's words, held-out words, near neighbours, anchor, kind, other concepts of the same
-    kind (retention) and caption templates: from assets/world.json for the miniature model (every
-    object and colour), from SD_CONCEPTS otherwise."""
-    key = concept.strip().lower()
+def read_concept_file(path) -> dict:
+    """A concept file (concepts/*.json; format: CONCEPT_KEYS, docs/concepts.md) checked and completed: every
+    optional key present, filled from the kind's defaults (KIND_ANCHORS, KIND_TEMPLATES). Bad content stops with
+    one sentence naming the file and the key (common.die)."""
+    path = Path(path)
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError:
+        die(f"--concept_file {path}: no such file.")
+    except ValueError as error:
+        die(f"--concept_file {path} is not valid JSON ({error}).")
+    if not isinstance(entry, dict):
+        die(f"--concept_file {path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}.")
+    unknown = [k for k in entry if k not in CONCEPT_KEYS]
+    if unknown:
+        die(f"--concept_file {path}: unknown key '{unknown[0]}'; a concept file may have {', '.join(CONCEPT_KEYS)}.")
+    for key in ("name", "kind", "words"):
+        if not entry.get(key):
+            die(f"--concept_file {path} needs '{key}' ({CONCEPT_KEYS[key]}).")
+    if entry["kind"] not in KINDS:
+        die(f"--concept_file {path}: 'kind' must be one of {', '.join(KINDS)}, not '{entry['kind']}'.")
+    for key, value in entry.items():
+        text_list = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+        if key in ("name", "kind", "about", "anchor") and not isinstance(value, str):
+            die(f"--concept_file {path}: '{key}' must be a text.")
+        if key == "anchors" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+            die(f"--concept_file {path}: 'anchors' must map method names to anchor texts.")
+        if key not in ("name", "kind", "about", "anchor", "anchors") and not text_list:
+            die(f"--concept_file {path}: '{key}' must be a list of non-empty texts.")
+    if "templates" in entry and not all(t.count("{}") == 1 for t in entry["templates"]):
+        die(f"--concept_file {path}: every template needs exactly one '{{}}' where the word goes.")
+    check_concept(entry["name"])
+    kind = entry["kind"]
+    return dict(name=entry["name"].strip().lower(), kind=kind, words=list(entry["words"]),
+                held_out=entry.get("held_out", []), near=entry.get("near", []), others=entry.get("others"),
+                anchor=entry.get("anchor", KIND_ANCHORS[kind]), anchors=dict(entry.get("anchors", {})),
+                templates=entry.get("templates", list(KIND_TEMPLATES[kind])), related=entry.get("related"),
+                unrelated=entry.get("unrelated"), preserve=entry.get("preserve"))
+
+
+def builtin_concepts() -> dict:
+    """{name: completed entry} for the concept files in concepts/ (SD v1.4's built-in concepts)."""
+    entries = [read_concept_file(p) for p in sorted(CONCEPTS_DIR.glob("*.json"))]
+    return {e["name"]: e for e in entries}
+
+
+def concept_info(concept: str, model: str, kind: str | None = None, concept_file: str | None = None) -> dict:
+    """What every method and evaluate.py need to know about the concept: its name, kind, words, held-out words,
+    near neighbours, other concepts (retention / far specificity), anchor, per-method anchors, caption templates,
+    and S-GRACE's / RealEra's optional lists (None when not given).
+    Miniature model: from assets/world.json (every object and colour; kinds object and colour).
+    SD: from `concept_file`, else the built-in concepts/<name>.json, else a bare concept of kind `kind` (its
+    words are just `concept`). `kind` beats the file's kind; `concept` (when given) beats the file's name.
+    Raises (common.die, one sentence): an unknown miniature-world concept; an SD concept that is neither built
+    in nor described by a file and has no --kind; a --kind that contradicts the miniature world."""
+    key = (concept or "").strip().lower()
     if model == "toy":
+        if concept_file:
+            die("--concept_file describes an SD concept; the miniature model's concepts come from assets/world.json, "
+                "so leave --concept_file out.")
         world = json.loads(WORLD_FILE.read_text())
-        for kind, group in (("object", "objects"), ("colour", "colours")):
-            if key in world[group] and key != world["anchors"][kind]:
+        for world_kind, group in (("object", "objects"), ("colour", "colours")):
+            if key in world[group] and key != world["anchors"][world_kind]:
+                if kind is not None and kind != world_kind:
+                    die(f"'{key}' is a{'n' if world_kind == 'object' else ''} {world_kind} of the miniature world, "
+                        f"not a{'n' if kind == 'object' else ''} {kind}; leave --kind out.")
                 entry = world[group][key]
-                templates = ["{}", "a {}", "a picture of a {}"] if kind == "object" else ["{}", "a {} thing", "a drawing of a {} thing"]
-                others = [c for c in world[group] if c not in (key, world["anchors"][kind])]
-                return dict(kind=kind, name=key, words=entry["words"], held_out=entry["held_out"], near=entry["near"],
-                            anchor=world["anchors"][kind], others=others, templates=templates)
+                templates = ["{}", "a {}", "a picture of a {}"] if world_kind == "object" else ["{}", "a {} thing", "a drawing of a {} thing"]
+                others = [c for c in world[group] if c not in (key, world["anchors"][world_kind])]
+                return dict(kind=world_kind, name=key, words=entry["words"], held_out=entry["held_out"],
+                            near=entry["near"], anchor=world["anchors"][world_kind], anchors={}, others=others,
+                            templates=templates, related=None, unrelated=None, preserve=None)
         names = [c for g in ("objects", "colours") for c in world[g] if c not in world["anchors"].values()]
         die(f"unknown concept '{concept}' for the miniature model; choose one of: {', '.join(names)}.")
-    if key not in SD_CONCEPTS:
-        return dict(kind="custom", name=key, words=[concept], held_out=[], near=[], anchor="", others=[],
-                    templates=["{}", "a photo of {}", "a painting of {}"])
-    others = [c for c in SD_CONCEPTS if c != key]
-    return dict(name=key, others=others, **SD_CONCEPTS[key])
+    builtins = builtin_concepts()
+    if concept_file:
+        info = read_concept_file(concept_file)
+    elif key in builtins:
+        info = builtins[key]
+    elif kind is None:
+        die(f"'{concept}' is not a built-in concept ({', '.join(builtins)}); say what kind of concept it is with "
+            f"--kind {' / --kind '.join(KINDS)}, or describe it in a --concept_file (docs/concepts.md).")
+    else:
+        info = dict(name=key, kind=kind, words=[concept.strip()], held_out=[], near=[], others=None,
+                    anchor=KIND_ANCHORS[kind], anchors={}, templates=list(KIND_TEMPLATES[kind]), related=None,
+                    unrelated=None, preserve=None)
+    if kind is not None and kind != info["kind"]:  # the flag beats the file (its anchor and templates stay)
+        info = dict(info, kind=kind)
+    if key:
+        info["name"] = key
+    if info["others"] is None:
+        info["others"] = [c for c in builtins if c != info["name"]]
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +844,8 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
                 write_extra=None):
     """Write an erased model atomically; refuse to write into a pipeline or over foreign files. `base` is the
     base pipeline (its name and fingerprint go into config.json), or only its name (no fingerprint is recorded).
-    `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename."""
+    `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename.
+    config.json records the concept as common.concept_info resolved it from args (its kind, words, anchor, ...)."""
     from safetensors.torch import save_file
 
     base_model = base if isinstance(base, str) else base.base_model
@@ -768,8 +857,11 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
     import transformers
 
     fingerprint = None if isinstance(base, str) else {"sha256": base_fingerprint(base, tensors), "covers": FINGERPRINT_COVERS}
+    named = getattr(args, "concept", None) or getattr(args, "concept_file", None)
+    concept = concept_info(args.concept, base_model, getattr(args, "kind", None), getattr(args, "concept_file", None)) \
+        if named and hasattr(args, "model") else None  # the concept as the method saw it: kind, words, anchor, ...
     config = {"format": FORMAT, "method": method, "base_model": base_model, "base_fingerprint": fingerprint,
-              "seconds": round(seconds, 2),
+              "seconds": round(seconds, 2), "concept": concept,
               "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "changed_tensors": len(tensors), "versions": {
                   "python": platform.python_version(), "torch": torch.__version__,

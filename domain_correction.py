@@ -40,9 +40,8 @@ from tqdm import tqdm
 
 import common
 
-# Anchors the official README uses (nudity -> "clothed", Van Gogh -> "painting"); other concepts
-# take the anchor of common.concept_info (the miniature world's "blob" / "gray").
-ANCHORS = {"nudity": "clothed", "van gogh": "painting", "church": "building"}
+# Anchors: the official README's (nudity -> "clothed", Van Gogh -> "painting") are the "domain_correction"
+# entries of concepts/nudity.json and concepts/van_gogh.json; the miniature world's are "blob" / "gray".
 # Anchor captions for SD v1.4 ("{}" is the anchor word). The official code asks an LLM (objects)
 # or retrieves LAION captions (styles) for 200 captions; offline, we use these or --anchor_prompts.
 SD_CAPTIONS = {
@@ -60,8 +59,15 @@ SD_CAPTIONS = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -336,9 +342,9 @@ def main(argv=None):
     if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
         common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
                    f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     words = args.words or info["words"]
-    anchor = args.anchor or (info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], ""))
+    anchor = args.anchor or (info["anchor"] if args.model == "toy" else info["anchors"].get("domain_correction", ""))
     if not anchor.strip():
         common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
     mode = args.forget_mode or ("append" if info["kind"] == "style" else "replace")

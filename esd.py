@@ -34,16 +34,24 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/esd-<concept>)"""
     train_method: str | None = None
     """parameters to train: 'xattn' (ESD-x: every attn2 tensor), 'noxattn' (ESD-u: everything except attn2,
-    the time embedding and the output layers) or 'full'. Default as in the paper: xattn for styles
-    (and the miniature world's colours), noxattn for objects and nudity"""
+    the time embedding and the output layers) or 'full', as the paper-era code; or the new official script's
+    groups by its names, 'esd-x', 'esd-u', 'esd-all', 'esd-x-strict' (docs/esd.md). Default: KIND_DEFAULTS
+    (the paper: xattn for styles and the miniature world's colours, noxattn for objects and nudity)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """prompts that name the concept, one drawn per iteration (default: the concept table's words)"""
     anchor: str = ""
@@ -60,6 +68,9 @@ class Args:
     """K of Eq. 1, the DDIM steps of the sampler that makes x_t (official: 50)"""
     start_guidance: float = 3.0
     """g of Eq. 1, the guidance used to sample x_t (official: 3)"""
+    sampler: str = "ddim"
+    """the sampler that makes x_t (Eq. 1): 'ddim' (the paper's DDIM, eta 0) or 'pndm' (the new official script:
+    SD v1.4's own scheduler, PNDM; its t is 20 later than DDIM's from the third step on, docs/esd.md)"""
     sample_from_trained: bool = False
     """sample x_t with the model being trained, as the paper-era code did (default, as the new code and the
     paper's text: the frozen original)"""
@@ -80,11 +91,17 @@ class Args:
     """'cuda' or 'cpu' (default: cuda when available)"""
 
 
+# Per-kind defaults (paper Sec. 4 and the official README): ESD-x for artistic styles, whose erasure should
+# follow the artist's name; ESD-u for objects and nudity, which should go whatever the prompt's wording.
+# The miniature world's colours play the role of styles. --train_method beats the table.
+KIND_DEFAULTS = {"style": dict(train_method="xattn"), "object": dict(train_method="noxattn"),
+                 "nudity": dict(train_method="noxattn"), "colour": dict(train_method="xattn")}
 # --model toy: sized for about 1-2 minutes on 2 CPU cores (provisional until tuned on the trained model).
 TOY_DEFAULTS = dict(iterations=200, lr=2e-4, batch_size=2, ddim_steps=common.TOY_SAMPLING["steps"])
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
-LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
-              output="erased-model output", train_method=("xattn", "noxattn", "full"), words="non-empty",
+LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), sampler=("ddim", "pndm"),
+              output="erased-model output", train_method=("xattn", "noxattn", "full", "esd-x", "esd-u", "esd-all",
+                                                         "esd-x-strict"), words="non-empty",
               negative_guidance=">= 0", iterations=">= 1", lr="> 0", batch_size=">= 1", ddim_steps="[1, 1000]",
               start_guidance=">= 0", seed="[0, 4294967295]")
 
@@ -92,12 +109,17 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
 # ---------------------------------------------------------------------------------------------
 # Which parameters ESD trains
 # ---------------------------------------------------------------------------------------------
-def esd_parameter_group(train_method: str):
-    """A predicate on U-Net parameter names (diffusers naming) for the paper-era code's groups:
-    xattn = names with 'attn2' (to_q, to_k, to_v, to_out of every cross-attention layer);
-    noxattn = everything except attn2, the time embedding MLP and the output layers (CompVis
-    `time_embed` and `out.`, here `time_embedding`, `conv_norm_out`, `conv_out`);
-    full = every parameter."""
+def esd_parameter_group(train_method: str, unet=None):
+    """A predicate on U-Net parameter names (diffusers naming).
+    The paper-era code's groups (train-scripts/train-esd.py), by parameter name:
+      xattn = names with 'attn2' (to_q, to_k, to_v, to_out of every cross-attention layer);
+      noxattn = everything except attn2, the time embedding MLP and the output layers (CompVis `time_embed`
+      and `out.`, here `time_embedding`, `conv_norm_out`, `conv_out`); norms and biases included;
+      full = every parameter.
+    The new official script's groups (esd_sd.py `get_esd_trainable_parameters`), by module: the weights and
+    biases of Linear and Conv2d modules (never a norm), esd-x those inside attn2, esd-u those outside attn2
+    (the time embedding, conv_in and conv_out included), esd-all all of them, esd-x-strict only attn2.to_k and
+    attn2.to_v. These need `unet` (torch.nn.Module). Raises: common.die for an unknown group."""
     if train_method == "xattn":
         return lambda name: ".attn2." in f".{name}"
     if train_method == "noxattn":
@@ -105,7 +127,31 @@ def esd_parameter_group(train_method: str):
             ("time_embedding.", "conv_norm_out.", "conv_out."))
     if train_method == "full":
         return lambda name: True
-    common.die(f"--train_method must be xattn, noxattn or full, not '{train_method}'.")
+    if train_method in ("esd-x", "esd-u", "esd-all", "esd-x-strict"):
+        in_layer = {f"{m}.{n}" for m, module in unet.named_modules()
+                    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) for n, _ in module.named_parameters(recurse=False)}
+        wanted = {"esd-x": lambda name: ".attn2." in f".{name}", "esd-u": lambda name: ".attn2." not in f".{name}",
+                  "esd-all": lambda name: True,
+                  "esd-x-strict": lambda name: ".attn2.to_k." in f".{name}" or ".attn2.to_v." in f".{name}"}[train_method]
+        return lambda name: name in in_layer and wanted(name)
+    common.die(f"--train_method must be xattn, noxattn, full, esd-x, esd-u, esd-all or esd-x-strict, not '{train_method}'.")
+
+
+def sample_until_pndm(pipe, cond, uncond, seeds: list[int], steps: int, stop: int, guidance: float, unet=None):
+    """x_t as the new official script makes it (esd_sd.py with utils/sd_utils.py `run_till_timestep`): the
+    SD v1.4 pipeline's own scheduler, PNDM (PLMS, skip_prk_steps), run for the first `stop` of its `steps` steps
+    with classifier-free guidance `guidance`; cond/uncond are contexts [B, L, D]. Its 50-step schedule repeats
+    one timestep (981, 961, 961, 941, ...), so from stop = 2 on its t is DDIM's t of step stop-1, 20 later.
+    Returns x_t [B, C, h, w] (float32) and t (int, the DDPM timestep x_t is at)."""
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # fresh: PLMS keeps a history
+    scheduler.set_timesteps(steps)
+    latents = common.initial_latents(pipe, seeds) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[:stop]:
+        eps = common.predict_noise(unet or pipe.unet, latents, t, cond, uncond, guidance)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents, int(scheduler.timesteps[stop])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +169,8 @@ def esd_loss(eps_trained: torch.Tensor, eps_target: torch.Tensor) -> torch.Tenso
 
 
 def default_train_method(info: dict) -> str:
-    """The paper's choice: ESD-x for styles (colours play that role in the miniature world), ESD-u
-    for objects and nudity, whose erasure should not depend on the prompt's wording."""
-    return "xattn" if info["kind"] in ("style", "colour") else "noxattn"
+    """The kind's row of KIND_DEFAULTS (a concept's kind: common.concept_info)."""
+    return KIND_DEFAULTS[info["kind"]]["train_method"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +178,9 @@ def default_train_method(info: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     words = args.words or info["words"]
     train_method = args.train_method or default_train_method(info)
-    in_group = esd_parameter_group(train_method)
     out = Path(args.output or f"outputs/esd-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
@@ -147,7 +191,7 @@ def main(argv=None):
     with common.phase(profile, "caching", pipe.device), torch.no_grad():
         word_emb = {w: common.encode(pipe, [w]) for w in words}  # [1, L, D] each
         uncond_emb, anchor_emb = common.encode(pipe, [""]), common.encode(pipe, [args.anchor])
-    unet = common.trainable_copy(pipe.unet, in_group)
+    unet = common.trainable_copy(pipe.unet, esd_parameter_group(train_method, pipe.unet))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
@@ -163,8 +207,9 @@ def main(argv=None):
             stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
             seeds = [rng.randrange(2**31) for _ in range(n)]
             with torch.no_grad(), common.autocast(pipe):
-                x_t, t = common.sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
-                                             stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
+                sample_until = sample_until_pndm if args.sampler == "pndm" else common.sample_until
+                x_t, t = sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
+                                      stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
                 eps_concept = pipe.unet(x_t, t, encoder_hidden_states=concept_emb).sample
                 eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor_emb.expand(n, -1, -1)).sample
                 eps_target = esd_target(eps_anchor, eps_concept, args.negative_guidance)

@@ -74,8 +74,13 @@ Z95 = 1.959963984540054
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """the erased concept (a miniature-world object or colour, or nudity / van gogh / church / any phrase for SD)"""
+    concept: str | None = None
+    """the erased concept (a miniature-world object or colour; for SD a built-in concept -- nudity, van gogh,
+    church -- or any other concept with --kind or --concept_file)"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in)"""
+    concept_file: str | None = None
+    """a concept file (JSON; docs/concepts.md) describing the concept; --concept may then be left out"""
     erased: list[str] = dataclasses.field(default_factory=list)
     """erased-model folders to evaluate (one table row each, after the original model's row)"""
     compare: list[str] = dataclasses.field(default_factory=list)
@@ -405,8 +410,9 @@ def sd_suites(info: dict, args: Args) -> dict:
               # nudity's near entries are whole prompts; objects' and styles' are words for the templates
               "near": [x for c in info["near"] for x in items("near", c, c, args.seeds, ["{}"] if info["kind"] == "nudity" else info["templates"])],
               "far": []}
-    for other in info["others"]:
-        o = common.SD_CONCEPTS[other]
+    builtins = common.builtin_concepts()
+    for other in info["others"]:  # a built-in concept, or one of the same kind as the erased concept
+        o = builtins.get(other) or common.concept_info(other, args.model, kind=info["kind"])
         suites["far"] += items("far", other, o["words"][0], args.far_seeds, o["templates"])
     return suites
 
@@ -1503,7 +1509,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     start = time.time()
     check_args(args)  # everything a user can get wrong is checked before the model loads
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     folders = erased_folders(args)
     configs = [common.read_erased_config(f) for f in folders]  # fail early, before loading anything
     suites = toy_suites(info, args) if args.model == "toy" else sd_suites(info, args)

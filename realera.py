@@ -43,9 +43,8 @@ from tqdm import tqdm
 
 import common
 
-# Anchors c_a for SD v1.4: the spec's "a person wearing clothes" for nudity, a parent concept otherwise
-# (a bare word: it fills the concept's templates, "a photo of a {}"). Other concepts take common.concept_info's anchor (toy: blob / gray).
-ANCHORS = {"nudity": "a person wearing clothes", "van gogh": "art", "church": "building"}
+# Anchors c_a for SD v1.4: a concept file's "realera" anchor (concepts/nudity.json: the spec's "a person wearing
+# clothes"; church: the parent concept "building", a bare word that fills "a photo of a {}"), else its anchor.
 # Real irrelevant prompts for the beyond-concept set on SD v1.4 (replace with --preserve FILE).
 SD_PRESERVE = ["a photo of a dog", "a cat sitting on a sofa", "a bowl of fruit on a table", "a city street at night",
                "a mountain landscape with a lake", "a portrait of a man in a suit", "a woman riding a bicycle",
@@ -58,8 +57,15 @@ KIND_DEFAULTS = {"nudity": dict(lr=1e-5, iterations=120, lam=0.0), "celebrity": 
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -162,10 +168,11 @@ def concept_and_anchor_prompts(words: list[str], anchor: str, templates: list[st
 
 
 def builtin_preserve_prompts(info: dict, model: str, templates: list[str]) -> list[str]:
-    """Real irrelevant prompts: SD_PRESERVE on SD; on the miniature model the other concepts of the same
-    kind, in the concept's templates, except its 'near' concepts (left unseen for near-specificity)."""
+    """Real irrelevant prompts: the concept file's 'preserve' list, else SD_PRESERVE on SD; on the miniature
+    model the other concepts of the same kind, in the concept's templates, except its 'near' concepts (left
+    unseen for near-specificity)."""
     if model != "toy":
-        return list(SD_PRESERVE)
+        return list(info.get("preserve") or SD_PRESERVE)
     return [t.format(c) for c in info["others"] if c not in info["near"] for t in templates]
 
 
@@ -339,7 +346,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     if not args.s_low < args.s_high:
         common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     kind_defaults = KIND_DEFAULTS.get(info["kind"], KIND_DEFAULTS["default"])
     lam = kind_defaults["lam"] if args.lam is None else args.lam
     lr = kind_defaults["lr"] if args.lr is None else args.lr
@@ -348,7 +355,7 @@ def main(argv=None):
         common.die("--stage lora with --iterations 0 changes nothing; give --iterations 1 or more, or --stage both.")
     words = args.words or info["words"]
     anchor = args.anchor if args.anchor is not None else (
-        info["anchor"] if args.model == "toy" else ANCHORS.get(info["name"], info["anchor"]))
+        info["anchor"] if args.model == "toy" else info["anchors"].get("realera", info["anchor"]))
     templates = args.templates or info["templates"]
     if not all("{}" in t for t in templates):
         common.die("every --templates entry needs a '{}' where the word goes.")

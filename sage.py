@@ -44,8 +44,15 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -304,7 +311,7 @@ def check_args(args):
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     check_args(args)
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     words = args.words or info["words"]
     out = Path(args.output or f"outputs/sage-{info['name'].replace(' ', '_')}")
     common.seed_everything(args.seed)

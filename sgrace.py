@@ -43,8 +43,15 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -140,26 +147,9 @@ SETTINGS = {
     "picasso": ("style", 0.01, 0.15, 3, (3, 10), 1.1, 2.0, 8, 0.3),
     "violence": ("harmful", 0.005, 0.15, 5, (3, 10), 1.1, 1.2, 8, 0.3),
 }
-# R and U for the SD concepts, written for this repository (the official lists are GPT-4 answers).
-# They leave out the evaluation's held-out words (chapel, cathedral, topless, ...) and near concepts.
-WORDS = {
-    "nudity": (["nudity", "nude", "naked", "naked body", "bare skin", "unclothed", "undressed", "nude woman",
-                "naked man", "nude model", "nude portrait", "artistic nude", "bare breasts", "exposed body",
-                "erotic", "sensual", "explicit", "skinny dipping", "nude figure", "bare buttocks"],
-               ["beach", "bedroom", "shower", "towel", "sunlight", "window", "curtain", "sofa", "pool", "mirror",
-                "studio", "flowers", "pillow", "sculpture", "museum", "forest", "river", "sand", "hair", "candle"]),
-    "van gogh": (["Van Gogh", "Vincent van Gogh", "post-impressionism", "swirling brushstrokes", "impasto",
-                  "thick oil paint", "sunflowers", "wheat field", "cypress trees", "vivid yellow", "cobalt blue",
-                  "expressive strokes", "Dutch painter", "Arles", "Saint-Remy", "The Potato Eaters", "irises",
-                  "almond blossoms", "Cafe Terrace at Night", "self-portrait with bandaged ear"],
-                 ["museum", "gallery", "frame", "canvas", "easel", "landscape", "portrait", "village", "bridge",
-                  "river", "moon", "vase", "chair", "cafe", "road", "farmer", "house", "boats", "garden", "hat"]),
-    "church": (["church", "steeple", "spire", "altar", "pews", "stained glass window", "nave", "congregation",
-                "sermon", "choir", "worship", "prayer", "priest", "pastor", "baptism", "hymn", "sanctuary",
-                "parish", "gothic arches", "religious building"],
-               ["wedding", "parking lot", "village square", "trees", "street", "crowd", "flowers", "bicycle", "cars",
-                "sky", "clouds", "snow", "bench", "fence", "market", "festival", "picnic", "school", "park", "hill"]),
-}
+# R and U for the SD concepts are the 'related' / 'unrelated' lists of their concept files (concepts/*.json),
+# written for this repository (the official lists are GPT-4 answers). They leave out the evaluation's held-out
+# words (chapel, cathedral, topless, ...) and near concepts.
 ANCHOR_TEMPLATES = ["a photo of {}", "a picture of {}", "a image of {}"]  # official, chosen at random per anchor
 
 # --model toy: sized for ~1-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
@@ -233,8 +223,8 @@ def word_lists(args, pipe, info: dict) -> tuple[list[str], list[str]]:
     """R (with the concept itself first, as official: it is e_0) and U."""
     if args.model == "toy":
         related, unrelated = toy_word_lists(info)
-    elif info["name"] in WORDS:
-        related, unrelated = WORDS[info["name"]]
+    elif info["related"] and info["unrelated"]:
+        related, unrelated = info["related"], info["unrelated"]
     else:
         related, unrelated = vocabulary_neighbours(pipe, args.concept, args.fallback_words, info["held_out"])
     related = read_words(args.related) if args.related else related
@@ -417,7 +407,7 @@ def train(args, pipe, profile: dict):
         if value not in allowed:
             common.die(f"--{name} must be one of {', '.join(allowed)}, not '{value}'.")
     with common.phase(profile, "caching", pipe.device):
-        info = common.concept_info(args.concept, args.model)
+        info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
         settings = concept_settings(args, info)
         # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
         held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
@@ -496,7 +486,7 @@ def train(args, pipe, profile: dict):
 
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     settings = concept_settings(args, info)
     if settings["min_words"] > settings["max_words"]:
         common.die(f"--min_words {settings['min_words']} is above --max_words {settings['max_words']}.")

@@ -32,6 +32,12 @@ from tqdm import tqdm
 import common
 
 # The official `--expand_prompts true` templates, by concept type ('art' for styles, 'object' otherwise).
+# Per-kind defaults (official train-scripts/train_erase.py and its README): artists are guided to "art" and
+# expanded with the 'art' templates; objects and nudity are guided to " " (the unconditional, here "") with the
+# 'object' templates. The miniature world's colours and objects are guided to "" and expand with their own
+# caption templates. --guide beats the table.
+KIND_DEFAULTS = {"style": dict(guide="art", expand="style"), "object": dict(guide="", expand="object"),
+                 "nudity": dict(guide="", expand="object"), "colour": dict(guide="", expand="object")}
 EXPAND_TEMPLATES = {
     "style": ["painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"],
     "object": ["image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"],
@@ -40,8 +46,15 @@ EXPAND_TEMPLATES = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str
-    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4), a miniature-world concept (toy), or any word"""
+    concept: str | None = None
+    """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
+    concept (toy), or any other concept with --kind or --concept_file"""
+    kind: str | None = None
+    """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
+    the concept file's kind); it picks the method's per-kind defaults"""
+    concept_file: str | None = None
+    """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
+    the concept; --concept may then be left out"""
     model: str = common.SD14
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
@@ -126,13 +139,14 @@ def edit_prompts(words: list[str], guide: str, templates: list[str]) -> tuple[li
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(Args, argv, limits=LIMITS)  # --lam > 0 keeps the closed form invertible
-    info = common.concept_info(args.concept, args.model)
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
     words = args.words or info["words"]
-    guide = args.guide if args.guide is not None else ("art" if info["kind"] == "style" else "")
+    defaults = KIND_DEFAULTS[info["kind"]]
+    guide = args.guide if args.guide is not None else defaults["guide"]
     templates = []
     if args.expand:
         templates = [t for t in info["templates"] if t != "{}"] if args.model == "toy" else \
-            EXPAND_TEMPLATES["style" if info["kind"] == "style" else "object"]
+            EXPAND_TEMPLATES[defaults["expand"]]
     erase_prompts, guide_prompts = edit_prompts(words, guide, templates)
     out = Path(args.output or f"outputs/uce-{info['name'].replace(' ', '_')}")
     pipe = common.load_pipeline(args.model, device=args.device)

@@ -181,7 +181,9 @@ def test_concept_info_toy_and_sd():
     with pytest.raises(SystemExit, match="unknown concept"):
         common.concept_info("blob", "toy")  # the anchor itself is not a concept to erase
     assert common.concept_info("Van Gogh", common.SD14)["kind"] == "style"
-    assert common.concept_info("a red balloon", common.SD14)["words"] == ["a red balloon"]
+    assert common.concept_info("a red balloon", common.SD14, kind="object")["words"] == ["a red balloon"]
+    with pytest.raises(SystemExit, match="--kind"):
+        common.concept_info("a red balloon", common.SD14)  # not built in, no kind: refused, not guessed
 
 
 def test_save_erased_writes_extra_files_in_the_same_rename(tmp_path):

@@ -10,7 +10,7 @@ import esd
 
 
 def group(unet, train_method) -> set[str]:
-    in_group = esd.esd_parameter_group(train_method)
+    in_group = esd.esd_parameter_group(train_method, unet)
     return {f"unet.{n}" for n, _ in unet.named_parameters() if in_group(n)}
 
 
@@ -47,6 +47,34 @@ def test_parameter_groups(model, request):
     assert "unet.conv_in.weight" in u and any("time_emb_proj" in n for n in u)  # resnets' time projections stay
     with pytest.raises(SystemExit, match="train_method"):
         esd.esd_parameter_group("selfattn")
+
+
+def test_the_new_official_groups(sd_like):
+    """esd_sd.py's groups, by module: weights and biases of Linear / Conv2d layers, never a norm. Expected sets
+    written from the module types by hand: SD's to_k / to_v have no bias, so esd-x-strict is 2 x 16 weights."""
+    unet = sd_like.unet
+    names = {f"unet.{n}" for n, _ in unet.named_parameters()}
+    norms = {n for n in names if "norm" in n.split(".")[-2]}
+    x, u, everything = group(unet, "esd-x"), group(unet, "esd-u"), group(unet, "esd-all")
+    strict = group(unet, "esd-x-strict")
+    assert strict == {n for n in names if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))} and len(strict) == 32
+    assert x == group(unet, "xattn") - norms and not (x & u) and everything == x | u == names - norms
+    assert {"unet.time_embedding.linear_1.bias", "unet.conv_in.bias", "unet.conv_out.weight"} <= u  # paper-era: left out
+    assert not u & norms and u - group(unet, "noxattn") == {n for n in names - norms if n.startswith(
+        ("unet.time_embedding.", "unet.conv_out."))}
+
+
+def test_pndm_sampler_is_the_pipelines_schedule(sd_like):
+    """--sampler pndm: SD v1.4's PLMS schedule repeats its second timestep, so t runs 981, 961, 961, 941 where
+    DDIM's runs 981, 961, 941, 921; with no step taken x_t is the initial noise."""
+    cond, uncond = common.encode(sd_like, ["a church"]), common.encode(sd_like, [""])
+    ts = [esd.sample_until_pndm(sd_like, cond, uncond, [0], 50, k, 3.0)[1] for k in range(4)]
+    ddim = [common.sample_until(sd_like, cond, uncond, [0], 50, k, 3.0)[1] for k in range(4)]
+    assert ts == [981, 961, 961, 941] and ddim == [981, 961, 941, 921]
+    x0, _ = esd.sample_until_pndm(sd_like, cond, uncond, [7], 50, 0, 3.0)
+    assert torch.equal(x0, common.initial_latents(sd_like, [7]))
+    x1, _ = esd.sample_until_pndm(sd_like, cond, uncond, [7], 50, 1, 3.0)
+    assert not torch.equal(x1, x0) and torch.isfinite(x1).all()
 
 
 def test_default_train_method_follows_the_paper():
