@@ -1091,7 +1091,7 @@ def weights_sha256(pipe) -> str:
     return digest.hexdigest()
 
 
-def journal_protocol(args: Args, pipe, suites: dict, judge_text: str, k: int, folders: list[Path]) -> dict:
+def journal_protocol(args: Args, pipe, concept: str, suites: dict, judge_text: str, k: int, folders: list[Path]) -> dict:
     """What every journaled verdict depends on; --resume refuses a journal written with anything else.  The batch
     sizes are left out, so that a run can be finished on a smaller GPU (a batch then drawn differently is drawn
     whole again)."""
@@ -1099,7 +1099,7 @@ def journal_protocol(args: Args, pipe, suites: dict, judge_text: str, k: int, fo
     prompts = {s: [len(v), hashlib.sha256(json.dumps([[it["prompt"], it["seed"], it["guidance"]] for it in v])
                                           .encode()).hexdigest()] for s, v in suites.items()}
     return {"base model": weights_sha256(pipe), "erased models": [sha256_file(f / "erased.safetensors") for f in folders],
-            "concept": args.concept, "steps": args.steps or d["steps"],
+            "concept": concept, "steps": args.steps or d["steps"],
             "guidance": args.guidance if args.guidance is not None else d["guidance"],
             "seeds per prompt": {"efficacy/generality/near": args.seeds, "far": args.far_seeds},
             "prompts": prompts, "judge": judge_text, "attack": attack_protocol(args, k)}
@@ -1531,7 +1531,7 @@ def main(argv=None):
     judge = toy_judge(pipe.device) if args.model == "toy" else sd_judge(args, info, pipe.device)
     models = [dict(name="original", folder=None, config={})] + [
         dict(name=f"{c['method']} ({f.name})", folder=f, config=c) for f, c in zip(folders, configs)]
-    protocol_line = journal_protocol(args, pipe, suites, judge[2], k, folders)
+    protocol_line = journal_protocol(args, pipe, info["name"], suites, judge[2], k, folders)
     records = prepare_output(out, protocol_line, folders, args.resume, rank, world)
     journal = open_journal(out, rank, protocol_line, {"model": pipe.base_model, "erased": [str(f) for f in folders]})
     held = dict(row=0, backup={})
