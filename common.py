@@ -500,11 +500,28 @@ def eos_index(pipe, ids: torch.Tensor) -> torch.Tensor:
     return (ids == pipe.tokenizer.eos_token_id).int().argmax(-1)
 
 
-def pooled_features(pipe, prompts: list[str], text_encoder=None) -> torch.Tensor:
-    """The end-of-text token's final hidden state [B, D] (CLIP's pooled text feature)."""
+def pool(hidden: torch.Tensor, eos: torch.Tensor, pooling: str = "eot", text_encoder=None) -> torch.Tensor:
+    """The pooled text feature [B, D'] of hidden states [B, L, D] whose first end-of-text token is at `eos` [B]:
+    'eot' the hidden state there (CLIP's pooled position, as its `pooler_output`), 'mean' the mean over
+    positions 0..eos (start token, words, end token). Then `text_encoder`'s `text_projection` where it has one
+    (CLIPTextModelWithProjection; SD v1.x's CLIPTextModel has none, so there D' = D)."""
+    if pooling == "eot":
+        feature = hidden[torch.arange(len(hidden), device=hidden.device), eos]
+    elif pooling == "mean":
+        upto = torch.arange(hidden.shape[1], device=hidden.device)[None] <= eos[:, None]  # [B, L]
+        feature = (hidden * upto[..., None]).sum(1) / upto.sum(1, keepdim=True)
+    else:
+        die(f"pooling must be 'eot' or 'mean', not '{pooling}'.")
+    projection = getattr(text_encoder, "text_projection", None)
+    return projection(feature) if projection is not None else feature
+
+
+def pooled_features(pipe, prompts: list[str], text_encoder=None, pooling: str = "eot") -> torch.Tensor:
+    """pool(E(prompts)) [B, D']: the pooled feature (see `pool`) of each prompt under `text_encoder` (default
+    the pipeline's); differentiable if the encoder is."""
+    encoder = text_encoder or pipe.text_encoder
     ids = tokenize(pipe, prompts)
-    hidden = (text_encoder or pipe.text_encoder)(ids)[0]
-    return hidden[torch.arange(len(ids), device=ids.device), eos_index(pipe, ids)]
+    return pool(encoder(ids)[0], eos_index(pipe, ids), pooling, encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,31 +620,6 @@ def trainable_copy(module: torch.nn.Module, predicate) -> torch.nn.Module:
     if not set_trainable(clone, predicate):
         die("no parameter matches the training selection.")
     return clone.train()
-
-
-def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: torch.Tensor,
-                     preserve_keys: torch.Tensor, preserve_lambda: float, reg: float,
-                     erase_scale: float = 1.0) -> torch.Tensor:
-    """The weight W* of a linear map (no bias) that sends each erase key to its target value, keeps
-    the preserved keys' outputs, and stays close to W:
-
-        W* = argmin_W'  erase_scale     * sum_i ||W' k_i - v_i||^2
-                      + preserve_lambda * sum_j ||W' p_j - W p_j||^2
-                      + reg             * ||W' - W||_F^2
-           = (reg W + erase_scale sum_i v_i k_i^T + preserve_lambda sum_j (W p_j) p_j^T)
-             (reg I + erase_scale sum_i k_i k_i^T + preserve_lambda sum_j p_j p_j^T)^-1
-
-    Shapes: W [d_out, d_in]; erase_keys k_i as rows [n, d_in]; target_values v_i as rows [n, d_out];
-    preserve_keys p_j as rows [m, d_in] (m may be 0). Returns W* [d_out, d_in] in W's dtype.
-    Accumulated in float32 and solved with torch.linalg.solve (the right-hand factor is symmetric, so
-    W* = solve(G, R^T)^T); reg > 0 makes G positive definite whatever the keys.
-    """
-    W0, keys, values = W.detach().float(), erase_keys.float(), target_values.float()
-    kept = preserve_keys.float().reshape(-1, W0.shape[1])
-    rhs = reg * W0 + erase_scale * values.T @ keys + preserve_lambda * (W0 @ kept.T) @ kept  # [d_out, d_in]
-    gram = (reg * torch.eye(W0.shape[1], device=W0.device) + erase_scale * keys.T @ keys
-            + preserve_lambda * kept.T @ kept)  # [d_in, d_in]
-    return torch.linalg.solve(gram, rhs.T).T.to(W.dtype)
 
 
 def rowwise_backward(loss_of_rows, x: torch.Tensor, chunk: int):

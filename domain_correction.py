@@ -14,15 +14,16 @@ then stripped, tensor by tensor, of any component that conflicts with the gradie
 denoising ("retain") loss on anchor images, so unlearning does not undo what should be kept.
 
 Equations (numbered as in docs/domain_correction.md; z0 is the latent of an anchor image):
-  (1) z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}          scheduler.add_noise
+  (1) z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}          noisy_latents
   (2) x0(e) = (z_t - sqrt(1 - a_t) e) / sqrt(a_t)                       predicted_x0
   (3) L_D   = BCE(D(x0(eps*(z_t, c_anchor))), 0) + BCE(D(x0(eps(z_t, c_target))), 1)
                                                                          discriminator_loss
   (4) L_adv = BCE(D(x0(eps(z_t, c_target))), 0)                          generator_loss
   (5) L_r   = || eps(z'_t, c'_anchor) - eps' ||^2   (prior images, own captions)   retain_loss
   (6) g_u  <- g_u - lambda * min(0, <g_u, g_r>) / ||g_r||^2 * g_r   per tensor   project_conflicting
-      theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta
-Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained.
+      theta <- AdamW(theta, clip(g_u)),  g_u = dL_adv/dtheta,  g_r = dL_r/dtheta      concept_preserving_step
+Only the U-Net's cross-attention key/value projections (attn2.to_k, attn2.to_v) are trained, and, as in the
+official attention processor, the key and value of the start-of-text token pass them no gradient.
 """
 import dataclasses
 import json
@@ -40,8 +41,25 @@ from tqdm import tqdm
 
 import common
 
-# Anchors: the official README's (nudity -> "clothed", Van Gogh -> "painting") are the "domain_correction"
-# entries of concepts/nudity.json and concepts/van_gogh.json; the miniature world's are "blob" / "gray".
+# Per-kind defaults, a row per concept kind with its source: the anchor concept, how a forget prompt is made
+# from an anchor caption ('replace' the anchor word by a concept word, or 'append' a style phrase), and the
+# discriminator's learning rate. A flag beats its row, and a concept file's own DoCo anchor ("anchors":
+# {"domain_correction": ...}) beats the row's. anchor None = the concept's anchor, without its article
+# (church's "a building" -> "building"; the miniature world's blob for objects, gray for colours).
+KIND_DEFAULTS = {
+    "object": dict(anchor=None, forget_mode="replace", dlr=1e-4,
+                   source="official README 'Unlearning Instance' (parachute, anchor airplane): --concept_type object, "
+                          "--dlr 0.0001; the anchor word of each caption replaced by the concept (utils.__getprompt__)"),
+    "style": dict(anchor="painting", forget_mode="append", dlr=5e-4,
+                  source="official README 'Unlearning Style' (van gogh, anchor painting): --concept_type style, "
+                         "--dlr 0.0005; utils.__getprompt__: '<caption>, in the style of <word>' 1/3, "
+                         "\"in <word>'s style, <caption>\" 2/3"),
+    "nudity": dict(anchor="clothed", forget_mode="replace", dlr=1e-4,
+                   source="official README 'Unlearning Nudity': run as an object, --caption_target clothed+nudity, "
+                          "--dlr 0.0001"),
+    "colour": dict(anchor=None, forget_mode="replace", dlr=1e-4,
+                   source="ours, miniature world only: a colour is replaced in the captions as an object is"),
+}
 # Anchor captions for SD v1.4 ("{}" is the anchor word). The official code asks an LLM (objects)
 # or retrieves LAION captions (styles) for 200 captions; offline, we use these or --anchor_prompts.
 SD_CAPTIONS = {
@@ -75,11 +93,11 @@ class Args:
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept in the forget prompts (default: the concept table's words)"""
     anchor: str | None = None
-    """anchor concept whose output domain the target is mapped onto (default: nudity->clothed,
-    van gogh->painting, church->building; toy: the world's anchor, blob or gray)"""
+    """anchor concept whose output domain the target is mapped onto (default by kind, KIND_DEFAULTS: 'painting'
+    for styles, 'clothed' for nudity, the concept's own anchor for objects: church->building; toy: blob or gray)"""
     forget_mode: str | None = None
     """how a forget prompt is made from an anchor caption: 'replace' (the anchor word becomes a concept
-    word; objects, colours, nudity) or 'append' (', in the style of <word>'; styles). Default by concept kind"""
+    word; objects, colours, nudity) or 'append' (', in the style of <word>'; styles). Default by kind"""
     anchor_prompts: str | None = None
     """text file of anchor captions, one per line (default: built-in caption templates)"""
     n_anchor_images: int = 1000
@@ -99,7 +117,7 @@ class Args:
     weight_decay: float = 1e-2
     """AdamW weight decay (official: 1e-2)"""
     dlr: float | None = None
-    """discriminator Adam learning rate (default, official README: 5e-4 for styles, 1e-4 otherwise)"""
+    """discriminator Adam learning rate (default by kind, official README: 5e-4 for styles, 1e-4 otherwise)"""
     disc_width: int = 64
     """channels of the discriminator's first block, doubled per block (official PatchGAN: 64)"""
     unlearn_loss: str = "adversarial"
@@ -114,7 +132,10 @@ class Args:
     """weight of the retain gradient added to the update (default, as official: 0 with surgery, where
     the retain gradient only steers; 0.1 with --surgery none, the official loss + 0.1 * prior_loss)"""
     max_grad_norm: float = 1.0
-    """global gradient-norm clip of the U-Net update (official: 1)"""
+    """global gradient-norm clip of the U-Net update (official HEAD: 1; the first official release clipped nothing)"""
+    sot_gradient: bool = False
+    """let the start-of-text token's key and value pass gradient to attn2.to_k/to_v (this project's behaviour
+    before issue 16). Default, as the official attention processor: they carry none (the paper is silent)"""
     unet_batch: int = 4
     """U-Net rows per forward/backward chunk of the forget and retain batches; gradients are accumulated
     over chunks, so this changes memory, not the result (4 fits SD v1.4 on a 24 GB GPU; official: all 8 at once,
@@ -171,8 +192,8 @@ def anchor_captions(info: dict, anchor: str, model: str, rng: random.Random) -> 
 
 def forget_prompt(caption: str, anchor: str, word: str, mode: str, rng: random.Random) -> str:
     """The anchor caption turned into a prompt for the concept (official utils.__getprompt__)."""
-    if mode == "append":
-        return rng.choice([f"{caption}, in the style of {word}", f"in {word}'s style, {caption}"])
+    if mode == "append":  # official: r ~ U{0, 1, 2}; r = 0 -> the first form, r = 1 or 2 -> the second
+        return f"{caption}, in the style of {word}" if rng.randrange(3) == 0 else f"in {word}'s style, {caption}"
     return re.sub(rf"\b{re.escape(anchor)}\b", word, caption)
 
 
@@ -335,28 +356,29 @@ def official_adjust(unlearn_grads, retain_grads, lam: float = 1.0, max_norm: flo
 
 
 # ---------------------------------------------------------------------------------------------
-# main: anchor images, then the adversarial game with the gradient surgery
+# The steps of main: settings, anchor captions and images, the adversarial game, the update
 # ---------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
-    if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
-        common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
-                   f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    words = args.words or info["words"]
-    anchor = args.anchor or (info["anchor"] if args.model == "toy" else info["anchors"].get("domain_correction", ""))
+def concept_settings(args, info: dict) -> dict:
+    """The settings of this run, as config.json records them: the concept's kind, anchor, forget words, forget
+    mode, discriminator lr, retain weight, and where the defaults come from. A flag beats its kind's row of
+    KIND_DEFAULTS; stops with one sentence for a kind without a row or a concept without an anchor."""
+    row = KIND_DEFAULTS.get(info["kind"])
+    if row is None:
+        common.die(f"DoCo has no defaults for a concept of kind '{info['kind']}'; pass --kind "
+                   f"({', '.join(k for k in KIND_DEFAULTS if k != 'colour')}).")
+    own_anchor = re.sub(r"^(a|an|the)\s+", "", (info.get("anchor") or "").strip(), flags=re.IGNORECASE)
+    anchor = args.anchor or info.get("anchors", {}).get("domain_correction") or row["anchor"] or own_anchor
     if not anchor.strip():
-        common.die(f"no anchor concept is known for '{args.concept}'; pass one, e.g. --anchor building.")
-    mode = args.forget_mode or ("append" if info["kind"] == "style" else "replace")
-    dlr = args.dlr or (5e-4 if info["kind"] == "style" else 1e-4)
+        common.die(f"no anchor concept is known for '{info['name']}'; pass one, e.g. --anchor building.")
     retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if args.surgery == "none" else 0.0)
-    out = Path(args.output or f"outputs/domain_correction-{info['name'].replace(' ', '_')}")
-    common.seed_everything(args.seed)
-    rng = random.Random(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
-    pipe.sample_steps = args.sample_steps
-    start, profile = time.time(), {}
+    return dict(kind=info["kind"], anchor=anchor, words=args.words or info["words"],
+                forget_mode=args.forget_mode or row["forget_mode"], dlr=args.dlr or row["dlr"],
+                retain_weight=retain_weight, defaults=row["source"])
 
+
+def load_anchor_captions(args, info: dict, settings: dict, rng: random.Random) -> list[str]:
+    """The anchor captions (--anchor_prompts, else built in); in 'replace' mode each must hold the anchor word."""
+    anchor = settings["anchor"]
     if args.anchor_prompts:
         try:
             captions = [line.strip() for line in Path(args.anchor_prompts).read_text().splitlines() if line.strip()]
@@ -364,53 +386,118 @@ def main(argv=None):
             common.die(f"cannot read --anchor_prompts {args.anchor_prompts}.")
     else:
         captions = anchor_captions(info, anchor, args.model, rng)
-    if mode == "replace" and not all(re.search(rf"\b{re.escape(anchor)}\b", c) for c in captions):
+    if settings["forget_mode"] == "replace" and not all(re.search(rf"\b{re.escape(anchor)}\b", c) for c in captions):
         common.die(f"every anchor caption must contain the anchor word '{anchor}' (it is replaced by the concept).")
+    return captions
+
+
+def anchor_domain(pipe, args, captions: list[str], out: Path):
+    """The anchor concept's images, made by the original model (or reused from `out`) and VAE-encoded.
+    Returns the caption of each image, the images, their cache metadata, and the mean and std of their
+    latent posteriors [N, 4, h, w]."""
     image_captions = [captions[i % len(captions)] for i in range(args.n_anchor_images)]
     seeds = [args.seed * 10_000 + i for i in range(args.n_anchor_images)]
     meta = dict(base_model=pipe.base_model, captions=image_captions, seeds=seeds, steps=args.anchor_steps,
                 guidance=args.anchor_guidance)
-    with common.phase(profile, "anchor_images", pipe.device):
-        images = cached_anchor_images(out / "anchor_images", meta)
-        if images is None:
-            images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
-        else:
-            print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
-        z0_mean, z0_std = encode_images(pipe, images)  # [N, 4, h, w]
+    images = cached_anchor_images(out / "anchor_images", meta)
+    if images is None:
+        images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
+    else:
+        print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
+    z0_mean, z0_std = encode_images(pipe, images)
+    return image_captions, images, meta, z0_mean, z0_std
 
+
+def noisy_latents(scheduler, z0_mean, z0_std, index):
+    """Eq. (1) for anchor images `index`: z0 drawn from the VAE posterior, a fresh eps and t ~ U{0..T-1}.
+    Returns z_t, eps [B, 4, h, w] and t [B]."""
+    z0 = z0_mean[index] + z0_std[index] * torch.randn_like(z0_mean[index])
+    noise = torch.randn_like(z0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), device=z0.device)
+    return scheduler.add_noise(z0, noise, t), noise, t
+
+
+def noise_predictions(frozen_unet, unet, z_t, t, anchor_ctx, target_ctx, unet_batch: int, with_graph: bool):
+    """eps*(z_t, t, c_anchor) of the frozen U-Net (no graph) and eps_theta(z_t, t, c_target) of the trained one
+    (with a graph only if `with_graph`), `unet_batch` rows at a time: [B, 4, h, w] each."""
+    rows = [slice(i, i + unet_batch) for i in range(0, len(z_t), unet_batch)]
+    with torch.no_grad():
+        eps_anchor = torch.cat([frozen_unet(z_t[r], t[r], encoder_hidden_states=anchor_ctx[r]).sample for r in rows])
+    with torch.set_grad_enabled(with_graph):
+        eps_target = torch.cat([unet(z_t[r], t[r], encoder_hidden_states=target_ctx[r]).sample for r in rows])
+    return eps_anchor, eps_target
+
+
+def stop_start_token_gradient(unet) -> list:
+    """The official attention processor's detail (DoCo/model_pipeline.py, CustomDiffusionAttnProcessor): in every
+    cross-attention layer the key and value of the first context position, the start-of-text token, carry no
+    gradient; the forward pass is unchanged. Forward hooks on the attn2.to_k / attn2.to_v outputs [B, L, C];
+    returns their handles (call .remove() on each to undo)."""
+    def detach_first_position(module, inputs, output):
+        if not output.requires_grad:
+            return None
+        return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+    return [m.register_forward_hook(detach_first_position) for name, m in unet.named_modules()
+            if name.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
+def concept_preserving_step(params, optimizer, unlearn_grads, retain_grads, args, retain_weight: float) -> int:
+    """Eq. (6) and the U-Net update: the surgery of --surgery on g_u, plus retain_weight * g_r, clipped to
+    --max_grad_norm (the official variant clips before its adjustment instead), one AdamW step. Returns how
+    many tensors had a conflicting gradient."""
+    if args.surgery == "pcgrad":
+        update, n_projected = project_conflicting(unlearn_grads, retain_grads, args.lam)
+    elif args.surgery == "official":
+        update, n_projected = official_adjust(unlearn_grads, retain_grads, args.lam, args.max_grad_norm)
+    else:
+        update, n_projected = list(unlearn_grads), 0
+    for p, g_u, g_r in zip(params, update, retain_grads):
+        p.grad = g_u + retain_weight * g_r
+    if args.surgery != "official":
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return n_projected
+
+
+def discriminator_step(disc, disc_optimizer, x0_anchor, x0_target, step: int) -> torch.Tensor:
+    """One Adam step of D on Eq. (3), on the predictions made before this step's U-Net update."""
+    loss_d = discriminator_loss(disc(x0_anchor), disc(x0_target.detach()))
+    if not torch.isfinite(loss_d):
+        common.die(f"the discriminator loss became NaN at step {step}; nothing was written. Lower --dlr.")
+    disc_optimizer.zero_grad(set_to_none=True)
+    loss_d.backward()
+    disc_optimizer.step()
+    return loss_d.detach()
+
+
+def train(args, pipe, settings: dict, image_captions: list[str], z0_mean, z0_std, rng: random.Random, profile: dict):
+    """The adversarial game with the concept-preserving gradient; returns the trained U-Net copy. Records
+    the peak memory and seconds of training, and of each step, in `profile`."""
     unet = common.trainable_copy(pipe.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    hooks = [] if args.sot_gradient else stop_start_token_gradient(unet)
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     disc = patch_discriminator(pipe.unet.config.sample_size, pipe.unet.config.in_channels, args.disc_width)
     disc = disc.to(pipe.device).train()
-    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=dlr, betas=(0.5, 0.999))
-    scheduler, n_train_t = pipe.scheduler, pipe.scheduler.config.num_train_timesteps
-
-    def noisy(index):  # Eq. (1) for anchor images `index`: z0 ~ the VAE posterior, a fresh eps and t
-        z0 = z0_mean[index] + z0_std[index] * torch.randn_like(z0_mean[index])
-        noise, t = torch.randn_like(z0), torch.randint(0, n_train_t, (len(index),), device=z0.device)
-        return scheduler.add_noise(z0, noise, t), noise, t
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=settings["dlr"], betas=(0.5, 0.999))
+    scheduler, anchor, words = pipe.scheduler, settings["anchor"], settings["words"]
+    adversarial = args.unlearn_loss == "adversarial"
 
     with common.phase(profile, "training", pipe.device), common.autocast(pipe):
         bar = tqdm(range(args.iterations), desc="DoCo")
         for step in common.timed(bar, profile, pipe.device):
-            forget = torch.randint(0, len(images), (args.batch_size,))
+            forget = torch.randint(0, len(image_captions), (args.batch_size,))
             anchor_ctx = common.encode(pipe, [image_captions[i] for i in forget])
-            target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words), mode, rng)
-                                              for i in forget])
-            z_t, _, t = noisy(forget)
-            adversarial = args.unlearn_loss == "adversarial"
+            target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words),
+                                                            settings["forget_mode"], rng) for i in forget])
+            z_t, _, t = noisy_latents(scheduler, z0_mean, z0_std, forget)
             generator_step = step >= args.warm_up or not adversarial  # the warm-up is the discriminator's
-            with torch.no_grad():
-                eps_anchor = torch.cat([pipe.unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
-                                                  encoder_hidden_states=anchor_ctx[i:i + args.unet_batch]).sample
-                                        for i in range(0, len(z_t), args.unet_batch)])
             # with a graph only when every row goes through at once (see unlearning_gradient)
-            with torch.set_grad_enabled(generator_step and args.unet_batch >= len(z_t)):
-                eps_target = torch.cat([unet(z_t[i:i + args.unet_batch], t[i:i + args.unet_batch],
-                                             encoder_hidden_states=target_ctx[i:i + args.unet_batch]).sample
-                                        for i in range(0, len(z_t), args.unet_batch)])
+            eps_anchor, eps_target = noise_predictions(pipe.unet, unet, z_t, t, anchor_ctx, target_ctx, args.unet_batch,
+                                                       with_graph=generator_step and args.unet_batch >= len(z_t))
             x0_anchor, x0_target = predicted_x0(scheduler, z_t, eps_anchor, t), predicted_x0(scheduler, z_t, eps_target, t)
             logs = {}
 
@@ -422,8 +509,8 @@ def main(argv=None):
                 loss_unlearn, unlearn_grads = unlearning_gradient(
                     unet, params, disc, scheduler, z_t, t, target_ctx, eps_target, eps_anchor, adversarial,
                     args.unet_batch, loss_scale)
-                prior = torch.randint(0, len(images), (args.batch_size,))
-                z_t_prior, noise_prior, t_prior = noisy(prior)
+                prior = torch.randint(0, len(image_captions), (args.batch_size,))
+                z_t_prior, noise_prior, t_prior = noisy_latents(scheduler, z0_mean, z0_std, prior)
                 prior_ctx = common.encode(pipe, [image_captions[i] for i in prior])
                 loss_retain, retain_grads = retain_gradient(unet, params, z_t_prior, t_prior, prior_ctx, noise_prior,
                                                             args.unet_batch, loss_scale)
@@ -434,43 +521,48 @@ def main(argv=None):
                 if loss_scale != 1.0 and not all(torch.isfinite(g).all() for g in [*unlearn_grads, *retain_grads]):
                     scaler.update(loss_scale / 2)  # fp16 overflow: skip this update with a smaller scale next time
                     continue
-                if args.surgery == "pcgrad":
-                    update, n_projected = project_conflicting(unlearn_grads, retain_grads, args.lam)
-                elif args.surgery == "official":
-                    update, n_projected = official_adjust(unlearn_grads, retain_grads, args.lam, args.max_grad_norm)
-                else:
-                    update, n_projected = list(unlearn_grads), 0
-                for p, g_u, g_r in zip(params, update, retain_grads):
-                    p.grad = g_u + retain_weight * g_r
-                if args.surgery != "official":  # the official variant clipped before its adjustment
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                n_projected = concept_preserving_step(params, optimizer, unlearn_grads, retain_grads, args,
+                                                      settings["retain_weight"])
                 logs.update(unlearn=f"{loss_unlearn.item():.3f}", retain=f"{loss_retain.item():.4f}",
                             projected=f"{n_projected}/{len(params)}")
 
             if adversarial:  # the discriminator learns every step, on the predictions made before the update
-                loss_d = discriminator_loss(disc(x0_anchor), disc(x0_target.detach()))
-                if not torch.isfinite(loss_d):
-                    common.die(f"the discriminator loss became NaN at step {step}; nothing was written. Lower --dlr.")
-                disc_optimizer.zero_grad(set_to_none=True)
-                loss_d.backward()
-                disc_optimizer.step()
+                loss_d = discriminator_step(disc, disc_optimizer, x0_anchor, x0_target, step)
                 logs = dict(D=f"{loss_d.item():.3f}", **logs)
             bar.set_postfix(logs)
-
     common.release(optimizer, disc_optimizer)
-    unet.eval()
+    for hook in hooks:
+        hook.remove()
+    return unet.eval()
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
+        common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
+                   f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
+    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
+    settings = concept_settings(args, info)
+    out = Path(args.output or f"outputs/domain_correction-{info['name'].replace(' ', '_')}")
+    common.seed_everything(args.seed)
+    rng = random.Random(args.seed)
+    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe.sample_steps = args.sample_steps
+    start, profile = time.time(), {}
+
+    captions = load_anchor_captions(args, info, settings, rng)
+    with common.phase(profile, "anchor_images", pipe.device):
+        image_captions, images, meta, z0_mean, z0_std = anchor_domain(pipe, args, captions, out)
+    unet = train(args, pipe, settings, image_captions, z0_mean, z0_std, rng, profile)
     seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
+
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
-                                      [words[0], *info["held_out"][:1], *info["near"][:1], anchor]]
+                                      [settings["words"][0], *info["held_out"][:1], *info["near"][:1], settings["anchor"]]]
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "domain_correction", args, pipe, seconds, samples,
-                               extra=dict(anchor=anchor, words=words, forget_mode=mode, dlr=dlr,
-                                          retain_weight=retain_weight, peak_memory_mb=common.profile_peak(profile),
-                                          profile=profile),
+                               extra=dict(**settings, peak_memory_mb=common.profile_peak(profile), profile=profile),
                                # cached in the same atomic rename, so a rerun with the same settings reuses them
                                write_extra=lambda tmp: save_anchor_images(tmp / "anchor_images", images, meta))
     print(f"wrote {saved} ({len(tensors)} tensors changed)")

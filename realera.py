@@ -16,14 +16,16 @@ equals its prediction for a harmless anchor. Perturbations outside the band and 
 ("beyond-concept" samples) are held fixed in both stages, so the edit stays local.
 
 Equations (numbered as in docs/realera.md; vec(.) flattens tokens x dim, W0 an original attn2.to_k or
-attn2.to_v weight, c_a the anchor prompt's token vectors, position by position):
+attn2.to_v weight, c a token vector of a concept prompt or of one of its neighbours and c_a the anchor prompt's
+token vector paired with it as MACE pairs them: shared words, end-of-text and padding to their counterparts,
+the concept's words to the anchor's when both have as many tokens; token_pairs):
   (1) eta = r (v - e) / ||v - e||,  v ~ N(0, I) shaped like e,  r ~ U[0, D1],  D1 = rho ||vec(e)||  perturb
   (2) N = {e + eta : S_low <= cos(vec e, vec(e + eta)) <= S_high}  (neighbours)
       B = {e + eta : cos(vec e, vec(e + eta)) < S_low} + real irrelevant prompts  (beyond)   mine_neighbors
   (3) W* = argmin_W  sum_{c in {e} u N} ||W c - W0 c_a||^2 + alpha sum_{b in B} ||W b - W0 b||^2
-                     + lambda ||W - W0||_F^2                          alignment_keys, cross_attention_alignment
+                     + lambda ||W - W0||_F^2                 token_pairs, alignment_keys, cross_attention_alignment
          = (lambda W0 + sum W0 c_a c^T + alpha sum W0 b b^T)(lambda I + sum c c^T + alpha sum b b^T)^-1
-                                                                      (common.closed_form_edit)
+                                                                      closed_form_edit
   (4) W = W* + U D  (LoRA of rank k on the same projections; U starts at zero)        LoRALinear
   (5) L = ||eps_{W}(x_t, t, e_n) - sg[eps_{W*}(x_t, t, e_a)]||^2
         + beta ||eps_{W}(x_t, t, e_b) - sg[eps_{W*}(x_t, t, e_b)]||^2,
@@ -43,16 +45,27 @@ from tqdm import tqdm
 
 import common
 
-# Anchors c_a for SD v1.4: a concept file's "realera" anchor (concepts/nudity.json: the spec's "a person wearing
-# clothes"; church: the parent concept "building", a bare word that fills "a photo of a {}"), else its anchor.
+# Anchors c_a on SD v1.4: a concept file's "realera" anchor (church: the parent concept "building", a bare word that
+# fills "a photo of a {}"), else the kind's (KIND_DEFAULTS), else the concept's anchor (toy: blob / gray).
 # Real irrelevant prompts for the beyond-concept set on SD v1.4 (replace with --preserve FILE).
 SD_PRESERVE = ["a photo of a dog", "a cat sitting on a sofa", "a bowl of fruit on a table", "a city street at night",
                "a mountain landscape with a lake", "a portrait of a man in a suit", "a woman riding a bicycle",
                "a red car parked by the road", "a plate of pasta", "a sailing boat on the sea",
                "a bird on a branch", "a living room with a fireplace"]
-# Per-kind defaults of the inferred constants that MACE's configs give (spec: verified from MACE's code).
-KIND_DEFAULTS = {"nudity": dict(lr=1e-5, iterations=120, lam=0.0), "celebrity": dict(lr=1e-4, iterations=50, lam=1e3),
-                 "default": dict(lr=1e-5, iterations=50, lam=1e3)}
+# Per-kind defaults: lambda of Eq. 3, the LoRA's lr and steps, and the anchor c_a, from MACE's official configs
+# (github.com/Shilin-LU/MACE, configs/*/*.yaml at 057e7a6: lamb, learning_rate, max_train_steps, mapping_concept);
+# RealEra publishes none. A flag beats the table; --model toy's TOY_DEFAULTS replace lr and iterations. An anchor
+# of None keeps the concept's own (common.concept_info). docs/realera.md, "Per-kind defaults", says why.
+KIND_DEFAULTS = {
+    "style": dict(lam=0.0, lr=1e-4, iterations=50, anchor="art",
+                  source="MACE configs/art/erase_art_100.yaml"),
+    "nudity": dict(lam=0.0, lr=1e-5, iterations=120, anchor="a person wearing clothes",
+                   source="MACE configs/explicit_content/erase_explicit_content.yaml"),
+    "object": dict(lam=1e3, lr=1e-5, iterations=50, anchor=None,  # MACE: lamb 10 bird, 100 automobile, 1000 ship
+                   source="MACE configs/object/erase_ship.yaml (the largest of MACE's three object lambdas)"),
+    "colour": dict(lam=1e3, lr=1e-5, iterations=50, anchor=None,  # the miniature world's colours, as its objects
+                   source="miniature world: MACE's object row (MACE has no colour config)"),
+}
 
 
 @dataclasses.dataclass
@@ -73,14 +86,20 @@ class Args:
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept (default: the concept table's words)"""
     anchor: str | None = None
-    """anchor word c_a the concept and its neighbours are mapped onto (default: nudity -> 'a person wearing
-    clothes', van gogh -> 'art', church -> 'building'; toy: the world's anchor, blob or gray)"""
+    """anchor word c_a the concept and its neighbours are mapped onto (default: the concept file's 'realera' anchor,
+    church -> 'building'; else by kind, MACE's mapping concepts: style -> 'art', nudity -> 'a person wearing
+    clothes', an object -> the concept's own anchor; toy: the world's anchor, blob or gray)"""
     templates: list[str] = dataclasses.field(default_factory=list)
     """caption templates ('{}' is the word); each word in each template is a concept prompt e, paired with the
     same template holding the anchor (default: the concept table's templates)"""
     preserve: str | None = None
     """text file of irrelevant prompts, one per line, for the beyond-concept set (default: built-in; toy: the
     other concepts of the same kind except the 'near' ones, in the concept's templates)"""
+    span_pairing: str = "same_length"
+    """which anchor token the concept's own tokens are paired with in Eq. 3 (shared words, end-of-text and padding
+    always pair with their counterparts, as MACE): 'same_length' position by position when the concept and the
+    anchor have as many tokens, else not at all, as MACE; 'last' the same, but spans of different lengths still
+    pair their last tokens (UCE's last-token rule); 'none' never, exactly MACE's closed form"""
     neighbors: bool = True
     """mine neighbour concepts (Eqs. 1-2); --no_neighbors erases the concept prompts alone (ablation)"""
     beyond: bool = True
@@ -106,7 +125,8 @@ class Args:
     alpha: float = 1.0
     """alpha of Eq. 3, the weight of the beyond-concept rows (inferred: 1, UCE's preserve scale)"""
     lam: float | None = None
-    """lambda of Eq. 3, the pull towards W0 (default, MACE's configs: 0 for nudity, 1e3 otherwise)"""
+    """lambda of Eq. 3, the pull towards W0 (default by kind, MACE's configs: 0 for style and nudity, 1e3 for an
+    object)"""
     rank: int = 1
     """k of Eq. 4, the LoRA rank (inferred: 1, MACE's explicit-content config; the spec allows 1-4)"""
     lora_init_std: float | None = None
@@ -114,9 +134,9 @@ class Args:
     beta: float = 1.0
     """beta of Eq. 5, the weight of the beyond-concept term (inferred: 1)"""
     iterations: int | None = None
-    """LoRA training steps (default, MACE's configs: 120 for nudity, 50 otherwise)"""
+    """LoRA training steps (default by kind, MACE's configs: 120 for nudity, 50 otherwise)"""
     lr: float | None = None
-    """AdamW learning rate of the LoRA (default, MACE's configs: 1e-5; 1e-4 for celebrities)"""
+    """Adam learning rate of the LoRA (default by kind, MACE's configs: 1e-4 for style, 1e-5 otherwise)"""
     batch_size: int = 1
     """neighbour samples per step; as many beyond samples are added (inferred: 1)"""
     n_trajectories: int = 8
@@ -147,7 +167,8 @@ TOY_DEFAULTS = dict(iterations=300, lr=5e-4, batch_size=4, n_trajectories=16, dd
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
 LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
               output="erased-model output", words="non-empty", templates="non-empty", preserve="file",
-              stage=("both", "closed_form", "lora"), radius_ratio="> 0", radius="> 0", s_low="[-1, 1]",
+              stage=("both", "closed_form", "lora"), span_pairing=("same_length", "last", "none"),
+              radius_ratio="> 0", radius="> 0", s_low="[-1, 1]",
               s_high="[-1, 1]", n_neighbors=">= 0", n_beyond=">= 0", max_draws=">= 1", alpha=">= 0", lam=">= 0",
               rank=">= 1", lora_init_std="> 0", beta=">= 0", iterations=">= 0", lr="> 0", batch_size=">= 1",
               n_trajectories=">= 1", ddim_steps="[1, 1000]", start_guidance=">= 0",
@@ -155,8 +176,27 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts and frozen embeddings
+# Settings, prompts and frozen embeddings
 # ---------------------------------------------------------------------------------------------
+def kind_settings(args, info: dict) -> dict:
+    """lambda, lr, steps and anchor as this run uses them: a flag if given, else the concept's KIND_DEFAULTS row
+    (the anchor: --anchor, else the world's on the miniature model, else the concept file's "realera" anchor,
+    else the row's, else the concept's own). Recorded in config.json with the row's source."""
+    row = KIND_DEFAULTS.get(info["kind"])
+    if row is None:
+        common.die(f"RealEra has no defaults for a concept of kind '{info['kind']}'; give its kind, one of: "
+                   f"{', '.join(KIND_DEFAULTS)}.")
+    if args.anchor is not None:
+        anchor = args.anchor
+    elif args.model == "toy":
+        anchor = info["anchor"]
+    else:
+        anchor = info["anchors"].get("realera", row["anchor"] if row["anchor"] is not None else info["anchor"])
+    return dict(kind=info["kind"], kind_defaults=row["source"], anchor=anchor,
+                lam=row["lam"] if args.lam is None else args.lam, lr=row["lr"] if args.lr is None else args.lr,
+                iterations=row["iterations"] if args.iterations is None else args.iterations)
+
+
 def concept_and_anchor_prompts(words: list[str], anchor: str, templates: list[str]) -> tuple[list[str], list[str]]:
     """Each word in each template, paired with the same template holding the anchor."""
     concept, paired = [], []
@@ -227,31 +267,87 @@ def perturbation_radius(concept_emb: torch.Tensor, args) -> float:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: closed-form cross-attention alignment (Eq. 3)
 # ---------------------------------------------------------------------------------------------
-def alignment_keys(concept_emb, anchor_emb, neighbors: list, beyond: list, preserve_emb=None):
-    """The rows of Eq. 3. Erase keys: every token column of each concept prompt e_i [L, D] and of its
-    neighbours; their anchor keys: the paired anchor prompt's columns, position by position (a perturbed
-    neighbour has no token correspondence of its own). Preserved keys: every column of the beyond
-    perturbations and of the irrelevant prompts. Returns erase [n, D], anchor [n, D], preserve [m, D]."""
+def token_pairs(concept_ids: list[int], anchor_ids: list[int], length: int, span_pairing: str = "same_length"):
+    """Which anchor token each concept token is mapped onto in Eq. 3, as MACE pairs them (official
+    src/cfr_utils.py, find_matching_indices and prepare_k_v). Both id lists run from the start token to the
+    first end-of-text token, without padding. Pairs, in order:
+      - the shared prefix (start token, template words before the concept), position to same position;
+      - the shared suffix (template words after the concept, end-of-text), counted from the end;
+      - the padding after end-of-text, by distance from it, until either prompt reaches `length` (the longer
+        prompt's last padding positions stay unpaired);
+      - the differing middle, the concept's span and the anchor's span: span_pairing 'same_length' pairs them
+        position by position when they have as many tokens and leaves them out otherwise, as MACE always does
+        ('none'); 'last' also pairs the two last tokens of spans of different lengths (UCE's last-token rule).
+    Returns (concept positions, anchor positions), two lists of equal length, sorted by concept position."""
+    n_c, n_a = len(concept_ids), len(anchor_ids)
+    prefix = 0
+    while prefix < min(n_c, n_a) and concept_ids[prefix] == anchor_ids[prefix]:
+        prefix += 1
+    suffix = 0  # never overlapping the prefix in either prompt
+    while suffix < min(n_c, n_a) - prefix and concept_ids[n_c - 1 - suffix] == anchor_ids[n_a - 1 - suffix]:
+        suffix += 1
+    span_c, span_a = range(prefix, n_c - suffix), range(prefix, n_a - suffix)
+    if span_pairing != "none" and len(span_c) == len(span_a):
+        span = list(zip(span_c, span_a))
+    elif span_pairing == "last" and len(span_c) and len(span_a):
+        span = [(span_c[-1], span_a[-1])]
+    else:
+        span = []
+    shared_end = [(n_c - suffix + j, n_a - suffix + j) for j in range(suffix)]
+    padding = [(n_c + k, n_a + k) for k in range(length - max(n_c, n_a))]
+    pairs = [(i, i) for i in range(prefix)] + span + shared_end + padding
+    return [c for c, _ in pairs], [a for _, a in pairs]
+
+
+def prompt_token_pairs(pipe, concept_prompts: list[str], anchor_prompts: list[str], span_pairing: str) -> list:
+    """token_pairs for each concept prompt and its anchor prompt, from the pipeline's tokenizer (padded length L)."""
+    concept_ids, anchor_ids = common.tokenize(pipe, concept_prompts), common.tokenize(pipe, anchor_prompts)
+    concept_eos, anchor_eos = common.eos_index(pipe, concept_ids).tolist(), common.eos_index(pipe, anchor_ids).tolist()
+    return [token_pairs(c[:i + 1].tolist(), a[:j + 1].tolist(), c.shape[0], span_pairing)
+            for c, i, a, j in zip(concept_ids, concept_eos, anchor_ids, anchor_eos)]
+
+
+def alignment_keys(concept_emb, anchor_emb, pairs: list, neighbors: list, beyond: list, preserve_emb=None):
+    """The rows of Eq. 3. Erase keys: the paired token columns (`pairs`, from token_pairs) of each concept prompt
+    e_i [L, D] and of its neighbours, which share e_i's token layout (a perturbed neighbour has no token
+    correspondence of its own); their anchor keys: the paired columns of the anchor prompt. Preserved keys:
+    every column of the beyond perturbations and of the irrelevant prompts.
+    Returns erase [n, D], anchor [n, D], preserve [m, D]."""
     erase, anchor = [], []
-    for e, a, mined in zip(concept_emb, anchor_emb, neighbors):
+    for e, a, (concept_pos, anchor_pos), mined in zip(concept_emb, anchor_emb, pairs, neighbors):
         group = torch.cat([e[None], mined])  # {e} u N: [1 + k, L, D]
-        erase.append(group.flatten(0, 1))
-        anchor.append(a.repeat(len(group), 1))
+        erase.append(group[:, concept_pos].flatten(0, 1))  # [(1 + k) P, D], e's P rows first
+        anchor.append(a[anchor_pos].repeat(len(group), 1))
     kept = [b.flatten(0, 1) for b in beyond] + ([preserve_emb.flatten(0, 1)] if preserve_emb is not None else [])
     preserve = torch.cat(kept) if kept else concept_emb.new_zeros(0, concept_emb.shape[-1])
     return torch.cat(erase), torch.cat(anchor), preserve
 
 
+def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: torch.Tensor,
+                     preserve_keys: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
+    """Eq. 3 for one projection W0 = `W` [d_out, d_in] (no bias): erase keys c as rows [n, d_in], their target
+    values W0 c_a as rows [n, d_out], preserved keys b as rows [m, d_in] (m may be 0). Returns W* [d_out,
+    d_in] in W's dtype. UCE's solve (uce.py carries the same function, with an erase scale): the sums are
+    accumulated as matrix products in float32 and W* = solve(G, R^T)^T with G = lambda I + sum c c^T +
+    alpha sum b b^T symmetric, not an inverse (MACE's closed_form_refinement multiplies by torch.inverse(G)).
+    Raises torch.linalg.LinAlgError if G is singular (possible only with lam = 0)."""
+    W0, keys, values = W.detach().float(), erase_keys.float(), target_values.float()
+    kept = preserve_keys.float().reshape(-1, W0.shape[1])
+    rhs = lam * W0 + values.T @ keys + alpha * (W0 @ kept.T) @ kept  # R [d_out, d_in]
+    gram = lam * torch.eye(W0.shape[1], device=W0.device) + keys.T @ keys + alpha * kept.T @ kept  # G [d_in, d_in]
+    return torch.linalg.solve(gram, rhs.T).T.to(W.dtype)
+
+
 @torch.no_grad()
 def cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, alpha: float, lam: float) -> int:
-    """Eq. 3 for every attn2.to_k / attn2.to_v of `unet`, in place: target values W0 c_a, solved by UCE's
-    common.closed_form_edit (float32, torch.linalg.solve). Returns the number of edited weights."""
+    """Eq. 3 for every attn2.to_k / attn2.to_v of `unet`, in place, each with its own W0: target values W0 c_a,
+    solved by closed_form_edit. Returns the number of edited weights."""
     projections = common.attn2_projections(unet)
     for name, layer in projections:
         W0 = layer.weight
         target_values = anchor_keys.float() @ W0.float().T  # W0 c_a as rows [n, d_out]
         try:
-            W_new = common.closed_form_edit(W0, erase_keys, target_values, preserve_keys, alpha, lam)
+            W_new = closed_form_edit(W0, erase_keys, target_values, preserve_keys, alpha, lam)
         except torch.linalg.LinAlgError:
             common.die(f"the closed form of {name} is singular; nothing was written. Pass a positive --lam.")
         if not torch.isfinite(W_new).all():
@@ -347,15 +443,11 @@ def main(argv=None):
     if not args.s_low < args.s_high:
         common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
     info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    kind_defaults = KIND_DEFAULTS.get(info["kind"], KIND_DEFAULTS["default"])
-    lam = kind_defaults["lam"] if args.lam is None else args.lam
-    lr = kind_defaults["lr"] if args.lr is None else args.lr
-    iterations = kind_defaults["iterations"] if args.iterations is None else args.iterations
+    settings = kind_settings(args, info)
+    lam, lr, iterations, anchor = settings["lam"], settings["lr"], settings["iterations"], settings["anchor"]
     if args.stage == "lora" and iterations == 0:
         common.die("--stage lora with --iterations 0 changes nothing; give --iterations 1 or more, or --stage both.")
     words = args.words or info["words"]
-    anchor = args.anchor if args.anchor is not None else (
-        info["anchor"] if args.model == "toy" else info["anchors"].get("realera", info["anchor"]))
     templates = args.templates or info["templates"]
     if not all("{}" in t for t in templates):
         common.die("every --templates entry needs a '{}' where the word goes.")
@@ -385,7 +477,7 @@ def main(argv=None):
     unet = copy.deepcopy(pipe.unet)
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: the edited U-Net stays fp32
     stats = dict(concept_prompts=concept_prompts, anchor_prompts=anchor_prompts, preserve_prompts=len(preserve_prompts),
-                 anchor=anchor, lam=lam, lr=lr, iterations=iterations,
+                 **settings,
                  concept_norm=round(float(emb["concept"].flatten(1).norm(dim=1).mean()), 2),
                  radius=round(sum(radii) / len(radii), 2), peak_memory_mb=None)
 
@@ -394,8 +486,9 @@ def main(argv=None):
             mined = [mine_neighbors(e, r, args.s_low, args.s_high, n_neighbors, n_beyond, generator, args.max_draws)
                      for e, r in zip(emb["concept"], radii)]
             neighbors, beyond = [m[0] for m in mined], [m[1] for m in mined]
-            erase_keys, anchor_keys, preserve_keys = alignment_keys(emb["concept"], emb["anchor"], neighbors, beyond,
-                                                                    emb["preserve"])
+            pairs = prompt_token_pairs(pipe, concept_prompts, anchor_prompts, args.span_pairing)
+            erase_keys, anchor_keys, preserve_keys = alignment_keys(emb["concept"], emb["anchor"], pairs, neighbors,
+                                                                    beyond, emb["preserve"])
             n_edited = cross_attention_alignment(unet, erase_keys, anchor_keys, preserve_keys, args.alpha, lam)
             draws = sum(m[2] for m in mined)
             print(f"closed form: {len(concept_prompts)} concept prompts (||vec(e)|| {stats['concept_norm']}, D1 "
@@ -403,7 +496,7 @@ def main(argv=None):
                   f"perturbations from {draws} draws, {len(preserve_prompts)} irrelevant prompts; {len(erase_keys)} "
                   f"erased and {len(preserve_keys)} preserved token vectors in {n_edited} projections")
             stats.update(closed_form_draws=draws, erased_token_vectors=len(erase_keys),
-                         preserved_token_vectors=len(preserve_keys))
+                         preserved_token_vectors=len(preserve_keys), paired_tokens=[len(c) for c, _ in pairs])
 
     if args.stage in ("both", "lora") and iterations > 0:  # Stage 2, Eqs. 4-6
         with common.phase(profile, "trajectories", pipe.device), common.autocast(pipe):

@@ -152,28 +152,11 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), 
 
 
 # ---------------------------------------------------------------------------------------------
-# Text space: token embeddings, pooled features, the trained parameters
+# Text space: token embeddings, the trained parameters (pool(.) is common.pool; of prompts, common.pooled_features)
 # ---------------------------------------------------------------------------------------------
 def token_embeddings(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     """emb(x): the (frozen) token embeddings [B, L, D] of token ids [B, L]."""
     return text_encoder.get_input_embeddings()(ids)
-
-
-def pool(text_encoder, hidden: torch.Tensor, eos: torch.Tensor, pooling: str = "eot") -> torch.Tensor:
-    """pool(.): the text feature [B, D'] of hidden states [B, L, D] whose end-of-text token is at `eos` [B]."""
-    if pooling == "eot":
-        feature = hidden[torch.arange(len(hidden), device=hidden.device), eos]
-    else:
-        upto = torch.arange(hidden.shape[1], device=hidden.device)[None] <= eos[:, None]  # [B, L]
-        feature = (hidden * upto[..., None]).sum(1) / upto.sum(1, keepdim=True)
-    projection = getattr(text_encoder, "text_projection", None)  # CLIPTextModelWithProjection only
-    return projection(feature) if projection is not None else feature
-
-
-def pooled(pipe, text_encoder, words: list[str], pooling: str) -> torch.Tensor:
-    """pool(E(words)) [B, D'] for a list of prompts."""
-    ids = common.tokenize(pipe, words)
-    return pool(text_encoder, text_encoder(ids)[0], common.eos_index(pipe, ids), pooling)
 
 
 def transformer_weights(name: str) -> bool:
@@ -204,7 +187,7 @@ def boundary_search(text_encoder, start, concept_embeds, content, eos, concept_f
     soft_prompt = project_to_ball(start + mask * noise, concept_embeds, radius)
     for _ in range(steps):
         soft_prompt = soft_prompt.detach().requires_grad_(True)
-        feature = pool(text_encoder, common.text_forward(text_encoder, soft_prompt), eos, pooling)
+        feature = common.pool(common.text_forward(text_encoder, soft_prompt), eos, pooling, text_encoder)
         in_domain = F.cosine_similarity(feature, concept_feature, dim=-1).sum()
         away = F.cosine_similarity((soft_prompt * mask).flatten(), (concept_embeds * mask).flatten(), dim=0)
         (grad,) = torch.autograd.grad(in_domain - beta * away, soft_prompt)
@@ -217,7 +200,7 @@ def boundary_search(text_encoder, start, concept_embeds, content, eos, concept_f
 def self_check(text_encoder, soft_prompt, eos, concept_feature, tau: float, pooling: str):
     """Eq. (2): is the sample still mapped into the concept domain of the original encoder by the training
     encoder? Returns (accepted, similarity)."""
-    feature = pool(text_encoder, common.text_forward(text_encoder, soft_prompt), eos, pooling)
+    feature = common.pool(common.text_forward(text_encoder, soft_prompt), eos, pooling, text_encoder)
     similarity = float(F.cosine_similarity(feature, concept_feature, dim=-1).min())
     return similarity > tau, similarity
 
@@ -239,7 +222,11 @@ def self_erasure_loss(eps_trained, eps_target):
 # Global-local collaborative retention (Eqs. 6-7)
 # ---------------------------------------------------------------------------------------------
 def vocabulary_words(tokenizer) -> list[str]:
-    """Whole alphabetic words of the tokenizer's vocabulary (CLIP BPE: tokens ending in '</w>')."""
+    """The candidate words of R_g: every vocabulary entry that ends a word, in id order, as plain text
+    ('church', not 'church</w>'), once each, if it is ASCII letters only; special tokens left out. With CLIP's
+    BPE an entry ends a word when it carries the '</w>' suffix; with a word-level tokenizer (the miniature
+    model) every entry is a word. A word-final entry is not always a word of its own: 'dity</w>' is the end of
+    'nudity' (nu + dity). irrelevant_concepts removes the pieces of the concept's own words."""
     vocab = tokenizer.get_vocab()
     tokens = [t for t in sorted(vocab, key=vocab.get) if t not in set(tokenizer.all_special_tokens)]
     bpe = any(t.endswith("</w>") for t in tokens)
@@ -247,18 +234,25 @@ def vocabulary_words(tokenizer) -> list[str]:
     return list(dict.fromkeys(w for w in words if w.isascii() and w.isalpha()))
 
 
+def word_pieces(tokenizer, phrases: list[str]) -> set[str]:
+    """Every token the tokenizer cuts `phrases` into, as plain lower-case text: 'nudity' -> {'nu', 'dity'},
+    'without clothes' -> {'without', 'clothes'}."""
+    return {piece.removesuffix("</w>").lower() for phrase in phrases for piece in tokenizer.tokenize(phrase)}
+
+
 @torch.no_grad()
-def irrelevant_concepts(pipe, concept_words: list[str], n_candidates: int, exclude: float, pooling: str,
-                        rng: random.Random) -> tuple[list[str], torch.Tensor]:
-    """R_g: vocabulary words far from the concept. Draw candidates, drop the words of the concept and the
-    `exclude` fraction nearest to it (mean pooled cosine to the concept words, original encoder).
-    Returns the words and their original pooled features [N, D'] (cached for Eq. 6)."""
-    concept_tokens = {t for w in concept_words for t in w.lower().split()}
-    words = [w for w in vocabulary_words(pipe.tokenizer) if w.lower() not in concept_tokens]
+def irrelevant_concepts(pipe, concept_words: list[str], held_out: list[str], n_candidates: int, exclude: float,
+                        pooling: str, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+    """R_g: vocabulary words far from the concept. From vocabulary_words, drop every piece of the concept's
+    words and of its held-out words (word_pieces: no 'nu', 'dity', 'naked', 'topless' for nudity), draw
+    `n_candidates`, then drop the `exclude` fraction nearest to the concept (mean pooled cosine to the concept
+    words, original encoder). Returns the words and their original pooled features [N, D'] (cached for Eq. 6)."""
+    pieces = word_pieces(pipe.tokenizer, concept_words + held_out)
+    words = [w for w in vocabulary_words(pipe.tokenizer) if w.lower() not in pieces]
     words = rng.sample(words, min(n_candidates, len(words)))
-    features = torch.cat([pooled(pipe, pipe.text_encoder, words[i:i + 256], pooling)
+    features = torch.cat([common.pooled_features(pipe, words[i:i + 256], pipe.text_encoder, pooling)
                           for i in range(0, len(words), 256)])  # [N, D']
-    concept = F.normalize(pooled(pipe, pipe.text_encoder, concept_words, pooling), dim=-1)
+    concept = F.normalize(common.pooled_features(pipe, concept_words, pipe.text_encoder, pooling), dim=-1)
     nearness = (F.normalize(features, dim=-1) @ concept.T).mean(1)
     keep = nearness.argsort()[:len(words) - int(exclude * len(words))].sort().values
     if len(keep) < 2:
@@ -329,12 +323,12 @@ def main(argv=None):
             content = {w: (positions >= 1) & (positions < eos[w]) for w in words}  # the word's own tokens, [L]
             concept_embeds = {w: token_embeddings(frozen, ids[w]) for w in words}  # e = emb(c), [1, L, D]
             concept_ctx = {w: frozen(ids[w])[0] for w in words}  # E_0(c), [1, L, D]
-            concept_feature = {w: pool(frozen, concept_ctx[w], eos[w], args.pooling) for w in words}  # pool(E_0(c))
+            concept_feature = {w: common.pool(concept_ctx[w], eos[w], args.pooling, frozen) for w in words}  # pool(E_0(c))
             uncond_ctx = common.encode(pipe, [""])  # E_0(""), [1, L, D]
         retain_words, retain_features, local_words, local_ctx, nearest = [], None, [], None, None
         if args.global_retention or args.local_retention:
-            retain_words, retain_features = irrelevant_concepts(pipe, words, args.global_candidates, args.global_exclude,
-                                                                args.pooling, rng)
+            retain_words, retain_features = irrelevant_concepts(pipe, words, info["held_out"], args.global_candidates,
+                                                                args.global_exclude, args.pooling, rng)
             # tau is a cosine threshold, so how similar unrelated words are under this encoder says where it should sit
             nearest = float(F.cosine_similarity(retain_features, concept_feature[words[0]], dim=-1).max())
             if args.self_check and nearest > args.tau:
@@ -397,7 +391,7 @@ def main(argv=None):
 
             if args.global_retention:  # Eq. 6
                 index = rng.sample(range(len(retain_words)), min(args.global_batch, len(retain_words)))
-                features = pooled(pipe, text_encoder, [retain_words[i] for i in index], args.pooling)
+                features = common.pooled_features(pipe, [retain_words[i] for i in index], text_encoder, args.pooling)
                 loss_glob = global_retention_loss(features, retain_features[index],
                                                   concept_feature[word] if args.with_concept_similarity else None)
                 loss = loss + args.lambda_g * loss_glob.detach()

@@ -57,11 +57,13 @@ class Args:
     output: str | None = None
     """erased-model folder (default: outputs/sgrace-<concept>)"""
     related: str | None = None
-    """text file of words related to the concept, one per line (R; default: built-in list, else nearest tokens)"""
+    """text file of words related to the concept, one per line (R; default: the concept file's 'related', the
+    built-in list, else the nearest whole vocabulary words)"""
     unrelated: str | None = None
-    """text file of words that co-occur with the concept but are unrelated to it, one per line (U, the anchors)"""
+    """text file of words that co-occur with the concept but are unrelated to it, one per line (U, the anchors;
+    default: the concept file's 'unrelated', the built-in list, else the farthest whole vocabulary words)"""
     fallback_words: int = 50
-    """how many nearest / farthest vocabulary tokens make R / U when no list is known (official LLM lists: 50)"""
+    """how many nearest / farthest whole vocabulary words make R / U when no list is known (official LLM lists: 50)"""
     projection: str = "auto"
     """CLIP text projection W: a CLIP model (hub id or path) whose text_projection is used, or 'none' for
     the identity; 'auto' = openai/clip-vit-large-patch14 for SD, identity for toy"""
@@ -69,8 +71,8 @@ class Args:
     """prompt of the few-shot latent (default as official: 'a photo of c' objects, 'a picture of c' styles, c for nudity)"""
     rounds: int = 4
     """attack-then-erase rounds (official training_rounds: 4)"""
-    samples: int = 8
-    """adversarial samples K (official embeddings_nums: 8)"""
+    adv_samples: int = 8
+    """adversarial samples K (official adv.embeddings_nums: 8)"""
     init: str = "copycat"
     """'copycat' (Eq. 2, related words) or 'target' (random ids + the concept, AdvUnlearn-like)"""
     random_ids: int | None = None
@@ -123,7 +125,9 @@ class Args:
     few_shot: bool = True
     """one fixed latent for the whole run (official); --no_few_shot draws a new one every round"""
     unet_batch: int = 4
-    """samples per U-Net call in the attack (memory only; official: 4)"""
+    """adversarial samples per U-Net call in the attack (memory only; official: 4)"""
+    samples: list[str] = dataclasses.field(default_factory=list)
+    """prompts for samples.png (default: a concept word, a held-out word, a near concept)"""
     sample_steps: int | None = None
     """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
     mixed_precision: str = "no"
@@ -150,17 +154,21 @@ SETTINGS = {
 # R and U for the SD concepts are the 'related' / 'unrelated' lists of their concept files (concepts/*.json),
 # written for this repository (the official lists are GPT-4 answers). They leave out the evaluation's held-out
 # words (chapel, cathedral, topless, ...) and near concepts.
+# A concept SETTINGS does not list takes the row of its kind's benchmark concept in the paper: church for
+# objects (and the miniature world's objects and colours, whose TOY_DEFAULTS override it anyway), van gogh for
+# styles (the paper's style benchmark; picasso.yml is the other style config), nudity for nudity.
+KIND_ROWS = {"object": "church", "style": "van gogh", "nudity": "nudity", "colour": "church"}
 ANCHOR_TEMPLATES = ["a photo of {}", "a picture of {}", "a image of {}"]  # official, chosen at random per anchor
 
 # --model toy: sized for ~1-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
 # The toy's token embeddings have std ~1 (SD's ~0.014), hence the larger attack step.
-TOY_DEFAULTS = dict(rounds=8, samples=8, random_ids=1, min_words=1, max_words=3, separator=" ", p_update=0.3,
+TOY_DEFAULTS = dict(rounds=8, adv_samples=8, random_ids=1, min_words=1, max_words=3, separator=" ", p_update=0.3,
                     adv_lr=0.3, lr=1e-3, w_sim=1.0, w_param=0.2, w_anchor=1.0, n_anchors=8, latent_steps=25)
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
 # --random_ids stops at 20 so that a sample still fits the miniature model's 24 tokens.
 LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
               output="erased-model output", related="file", unrelated="file", fallback_words=">= 1", rounds=">= 1",
-              samples=">= 1", init=("copycat", "target"), random_ids="[0, 20]", min_words=">= 1", max_words=">= 1",
+              adv_samples=">= 1", init=("copycat", "target"), random_ids="[0, 20]", min_words=">= 1", max_words=">= 1",
               p_update="[0, 1]", attack_steps=">= 0", adv_lr="> 0", semantic_weight=">= 0", pgd_radius=">= 0",
               feature_token=("last", "eot"), erase_steps=">= 1", lr="> 0", erase_loss=("feature", "esd"),
               negative_guidance=">= 0", w_sim=">= 0", w_param=">= 0", w_anchor=">= 0", n_anchors=">= 1",
@@ -172,13 +180,17 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
 # The concept: settings, word lists (R, U), feature f_c
 # ---------------------------------------------------------------------------------------------
 def concept_settings(args, info: dict) -> dict:
-    """Per-concept defaults from SETTINGS (church's for concepts it does not list), under explicit flags."""
-    kind = {"nudity": "harmful", "style": "style"}.get(info["kind"], "object")
-    kind, adv_lr, p_update, random_ids, (lo, hi), w_sim, w_anchor, n_anchors, w_param = SETTINGS.get(
-        info["name"], (kind, *SETTINGS["church"][1:]))
+    """The concept's row of SETTINGS, else its kind's (KIND_ROWS), under explicit flags. 'row' names the row
+    used and 'kind' the kind of latent prompt (harmful, style, object). Stops with one sentence for a kind
+    without a row."""
+    row = info["name"] if info["name"] in SETTINGS else KIND_ROWS.get(info["kind"])
+    if row is None:
+        common.die(f"S-GRACE has no settings for a concept of kind '{info['kind']}'; pass --kind "
+                   f"({', '.join(k for k in KIND_ROWS if k != 'colour')}).")
+    kind, adv_lr, p_update, random_ids, (lo, hi), w_sim, w_anchor, n_anchors, w_param = SETTINGS[row]
     table = dict(kind=kind, adv_lr=adv_lr, p_update=p_update, random_ids=random_ids, min_words=lo, max_words=hi,
                  w_sim=w_sim, w_anchor=w_anchor, n_anchors=n_anchors, w_param=w_param)
-    return {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in table.items()}
+    return dict(row=row, **{k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in table.items()})
 
 
 def toy_word_lists(info: dict) -> tuple[list[str], list[str]]:
@@ -193,20 +205,30 @@ def toy_word_lists(info: dict) -> tuple[list[str], list[str]]:
     return list(info["words"]), list(dict.fromkeys(co_occurring + info["others"] + [info["anchor"]]))
 
 
+def token_pieces(tokenizer, texts: list[str]) -> set[str]:
+    """The pieces the tokenizer splits `texts` into, lowercased, without CLIP's end-of-word mark '</w>'
+    ("nudity" -> {"nu", "dity"})."""
+    return {t.lower().removesuffix("</w>") for text in texts for t in tokenizer.tokenize(text)}
+
+
 def vocabulary_neighbours(pipe, concept: str, n: int, exclude: list[str]) -> tuple[list[str], list[str]]:
-    """Fallback R / U: the n whole-word vocabulary tokens nearest to / farthest from the concept's mean
-    token embedding (cosine), never a word of `exclude` (the held-out evaluation words)."""
+    """Fallback R / U: the n whole vocabulary words nearest to / farthest from the concept's mean token
+    embedding (cosine). A whole word is a token that ends a word (CLIP BPE: '</w>'; every token of a word-level
+    vocabulary such as the toy's), of 3+ letters, and none of the pieces the tokenizer splits the concept or an
+    `exclude` word (its synonyms, its held-out evaluation words) into: for "nudity", neither "nu" nor the
+    word-final piece "dity" can enter R or U. Returns (R, U), n words each at most."""
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     tok = pipe.tokenizer
     concept_ids = [i for i in common.tokenize(pipe, [concept])[0].tolist() if i not in tok.all_special_ids]
     cos = F.cosine_similarity(table, table[concept_ids].mean(0, keepdim=True), dim=-1)
-    banned = {w.lower() for e in exclude for w in e.split()}
+    banned = token_pieces(tok, [concept, *exclude]) | {w.lower() for e in exclude for w in e.split()}
+    bpe = any(t.endswith("</w>") for t in tok.get_vocab())
     words = []
     for i in cos.argsort(descending=True).tolist():
         token = tok.convert_ids_to_tokens(i)
-        word = token[:-4] if token.endswith("</w>") else token
-        if (i not in tok.all_special_ids and i not in concept_ids and re.fullmatch(r"[a-z]{3,}", word)
-                and word not in banned and (token.endswith("</w>") or pipe.base_model == "toy")):
+        word = token.removesuffix("</w>")
+        if (i not in tok.all_special_ids and (token.endswith("</w>") or not bpe) and re.fullmatch(r"[a-z]{3,}", word)
+                and word not in banned):
             words.append(word)
     return words[:n], words[::-1][:n]
 
@@ -220,16 +242,17 @@ def read_words(path: str) -> list[str]:
 
 
 def word_lists(args, pipe, info: dict) -> tuple[list[str], list[str]]:
-    """R (with the concept itself first, as official: it is e_0) and U."""
-    if args.model == "toy":
-        related, unrelated = toy_word_lists(info)
-    elif info["related"] and info["unrelated"]:
-        related, unrelated = info["related"], info["unrelated"]
-    else:
-        related, unrelated = vocabulary_neighbours(pipe, args.concept, args.fallback_words, info["held_out"])
-    related = read_words(args.related) if args.related else related
-    unrelated = read_words(args.unrelated) if args.unrelated else unrelated
-    return list(dict.fromkeys([args.concept, *related])), unrelated
+    """R (with the concept itself first, as official: it is e_0) and U, each from the first source that has
+    it: --related / --unrelated, the concept file's 'related' / 'unrelated', the miniature world's lists, and
+    last the vocabulary fallback."""
+    built_in = toy_word_lists(info) if args.model == "toy" else (None, None)
+    related = read_words(args.related) if args.related else info.get("related") or built_in[0]
+    unrelated = read_words(args.unrelated) if args.unrelated else info.get("unrelated") or built_in[1]
+    if not related or not unrelated:
+        nearest, farthest = vocabulary_neighbours(pipe, args.concept, args.fallback_words,
+                                                  [*info["words"], *info["held_out"]])
+        related, unrelated = related or nearest, unrelated or farthest
+    return list(dict.fromkeys([args.concept, *related])), list(unrelated)
 
 
 def load_projection(args, pipe):
@@ -266,9 +289,15 @@ def sample_ids(pipe, words: list[str], n_random: int, separator: str, banned=fro
     of the last adversarial token (official: at most max_length - 2 adversarial tokens)."""
     tok, n = pipe.tokenizer, pipe.tokenizer.model_max_length
     ids = common.tokenize(pipe, [separator.join(words)])[0]
+    # the tokenizer has cut the words to n - 2 tokens; keep n - 2 - n_random (official: [:-(len + r - 75)],
+    # which keeps none when len + r is exactly 75, see docs: "token limit")
     inner = ids[1:common.eos_index(pipe, ids[None])[0]][: n - 2 - n_random]
-    pool = [i for i in range(min(40905, len(tok))) if i not in tok.all_special_ids and i not in banned]  # official: ids < 40905
-    random_ids = torch.tensor(random.choices(pool, k=n_random), dtype=ids.dtype, device=ids.device)
+    # official: torch.randint(0, 40905), torch's generator, not Python's; special and `banned` ids are re-drawn
+    random_ids = torch.randint(0, min(40905, len(tok)), (n_random,))
+    refused = set(tok.all_special_ids) | set(banned)
+    while bad := [k for k, i in enumerate(random_ids.tolist()) if i in refused]:
+        random_ids[bad] = torch.randint(0, min(40905, len(tok)), (len(bad),))
+    random_ids = random_ids.to(ids.dtype).to(ids.device)
     body = torch.cat([ids[:1], random_ids, inner, ids.new_tensor([tok.eos_token_id])])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return torch.cat([body, ids.new_full((n - len(body),), pad)]), len(body) - 2
@@ -279,8 +308,8 @@ def copycat_sample(pipe, related: list[str], index: int, n_words: int, settings:
     'target': random ids before the concept (the official alternative, AdvUnlearn's prefix attack)."""
     if args.init == "target":
         return sample_ids(pipe, [related[0]], settings["random_ids"], args.separator, settings.get("banned_ids", frozenset()))
-    if index == 0:
-        return sample_ids(pipe, [related[0]], 0, args.separator)
+    if index == 0:  # official: random.sample([c], 1), a draw of Python's random that a seed must spend here too
+        return sample_ids(pipe, random.sample(related[:1], 1), 0, args.separator)
     return sample_ids(pipe, random.sample(related, min(n_words, len(related))), settings["random_ids"], args.separator,
                       settings.get("banned_ids", frozenset()))
 
@@ -292,9 +321,8 @@ def draw_samples(pipe, related, settings, args, old=None):
     sample is always a copycat sample (even e_0)."""
     n_words = random.randint(settings["min_words"], settings["max_words"])
     table = pipe.text_encoder.get_input_embeddings()
-    ids, embeds, last = old if old is not None else ([None] * args.samples, [None] * args.samples, [None] * args.samples)
-    ids, embeds, last = list(ids), list(embeds), list(last)
-    for k in range(args.samples):
+    ids, embeds, last = (list(x) for x in old) if old is not None else ([None] * args.adv_samples for _ in range(3))
+    for k in range(args.adv_samples):
         if old is None or random.random() < settings["p_update"]:
             ids[k], last[k] = copycat_sample(pipe, related, k if old is None else 1, n_words, settings, args)
             embeds[k] = table(ids[k]).detach()
@@ -424,13 +452,13 @@ def train(args, pipe, profile: dict):
     params_0 = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     timings = dict(attack_seconds=0.0, erase_seconds=0.0)
-    samples, latent, logs = None, None, {}
+    adversarial, latent, logs = None, None, {}
     bar = tqdm(total=args.rounds * (args.attack_steps + args.erase_steps), desc="S-GRACE")
     with common.phase(profile, "training", pipe.device), common.autocast(pipe):
         for round_index in common.timed(range(args.rounds), profile, pipe.device):
             tick = time.time()
-            samples = draw_samples(pipe, related, settings, args, old=samples)
-            ids, embeds, last = samples
+            adversarial = draw_samples(pipe, related, settings, args, old=adversarial)
+            ids, embeds, last = adversarial
             positions = torch.arange(ids.shape[1], device=ids.device)
             mask = (positions[None] >= 1) & (positions[None] <= last[:, None])  # the adversarial tokens
             if latent is None or not args.few_shot:
@@ -442,7 +470,7 @@ def train(args, pipe, profile: dict):
                     eps_target = eps_u - args.negative_guidance * (eps_c - eps_u)
             embeds, loss_atk = attack(text_encoder, pipe.unet, projection, embeds, mask, last, z, t, x_T, f_c,
                                       settings["adv_lr"], args)
-            samples = (ids, embeds, last)  # the optimised embeddings persist into the next round (official)
+            adversarial = (ids, embeds, last)  # the optimised embeddings persist into the next round (official)
             with torch.no_grad():
                 _, features_0 = sample_features(text_encoder, projection, embeds, last, args.feature_token)
             bar.update(args.attack_steps)
@@ -500,11 +528,10 @@ def main(argv=None):
     start, profile = time.time(), {}
     text_encoder, extra = train(args, pipe, profile)
     seconds = time.time() - start
-    words = [args.concept, *info["near"][:1], info["anchor"] or (info["others"] or ["a cat"])[0]]
-    prompts = [info["templates"][1].format(w) for w in words if w]
+    sample_prompts = args.samples or [info["templates"][1].format(w) for w in
+                                      [info["words"][0], *info["held_out"][:1], *info["near"][:1]]]
     with common.phase(profile, "samples", pipe.device):
-        samples = common.before_after(pipe, prompts * 2, [0] * len(prompts) + [1] * len(prompts),
-                                      text_encoder=text_encoder)
+        samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, pipe.text_encoder)
     saved = common.save_erased(out, tensors, "sgrace", args, pipe, seconds, samples,
                                extra=dict(**extra, peak_memory_mb=common.profile_peak(profile), profile=profile))

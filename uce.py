@@ -19,7 +19,7 @@ scales:
   (1) v*_i = W0 c_i^g                                                     (target value)
   (2) W* = argmin_W  s_e sum_i ||W c_i - v*_i||^2 + s_p sum_j ||W c_j - W0 c_j||^2 + lambda ||W - W0||_F^2
   (3)    = (lambda W0 + s_e sum_i v*_i c_i^T + s_p sum_j W0 c_j c_j^T)
-           (lambda I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1          common.closed_form_edit
+           (lambda I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1          closed_form_edit
 """
 import copy
 import dataclasses
@@ -135,6 +135,29 @@ def edit_prompts(words: list[str], guide: str, templates: list[str]) -> tuple[li
 
 
 # ---------------------------------------------------------------------------------------------
+# The closed form (Eqs. 2-3); realera.py carries its own copy, so that each file holds its whole method
+# ---------------------------------------------------------------------------------------------
+def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: torch.Tensor,
+                     preserve_keys: torch.Tensor, preserve_scale: float, lam: float,
+                     erase_scale: float = 1.0) -> torch.Tensor:
+    """Eq. 3: the W* of Eq. 2 for one projection W0 = `W` [d_out, d_in] (no bias).
+
+    erase_keys c_i as rows [n, d_in], target_values v*_i as rows [n, d_out] (Eq. 1), preserve_keys c_j as
+    rows [m, d_in] (m may be 0); s_e = erase_scale, s_p = preserve_scale, lambda = lam. Returns W* [d_out,
+    d_in] in W's dtype. The sums are accumulated as matrix products in float32 and W* = solve(G, R^T)^T
+    with G = lambda I + ... the symmetric right-hand factor (the official code multiplies by
+    torch.inverse(G)); lam > 0 makes G positive definite whatever the keys. Raises
+    torch.linalg.LinAlgError if G is singular (only possible with lam = 0).
+    """
+    W0, keys, values = W.detach().float(), erase_keys.float(), target_values.float()
+    kept = preserve_keys.float().reshape(-1, W0.shape[1])
+    rhs = lam * W0 + erase_scale * values.T @ keys + preserve_scale * (W0 @ kept.T) @ kept  # R [d_out, d_in]
+    gram = (lam * torch.eye(W0.shape[1], device=W0.device) + erase_scale * keys.T @ keys
+            + preserve_scale * kept.T @ kept)  # G [d_in, d_in]
+    return torch.linalg.solve(gram, rhs.T).T.to(W.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # main: one closed-form solve per attn2.to_k / attn2.to_v
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -165,7 +188,7 @@ def main(argv=None):
         for name, layer in tqdm(projections, desc="UCE closed form"):
             W0 = layer.weight
             target_values = guide_keys @ W0.float().T  # Eq. 1, v*_i = W0 c_i^g as rows [N, d_out]
-            W_new = common.closed_form_edit(W0, erase_keys, target_values, preserve_keys, args.preserve_scale, args.lam,
+            W_new = closed_form_edit(W0, erase_keys, target_values, preserve_keys, args.preserve_scale, args.lam,
                                      args.erase_scale)
             if not torch.isfinite(W_new).all():
                 common.die(f"the closed form of {name} is not finite; nothing was written. Raise --lam.")

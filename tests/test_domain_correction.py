@@ -111,6 +111,62 @@ def test_forget_prompts_and_anchor_captions():
     assert all("painting" in c for c in dc.anchor_captions(common.concept_info("van gogh", "sd"), "painting", "sd", rng))
 
 
+class Cycle:
+    """A stand-in for random.Random whose randrange returns 0, 1, 2, 0, ... in turn."""
+    def __init__(self):
+        self.calls = 0
+
+    def randrange(self, n):
+        self.calls += 1
+        return (self.calls - 1) % n
+
+
+def test_style_forget_prompts_split_one_third_two_thirds():
+    """The official __getprompt__ draws r from {0, 1, 2}: r = 0 gives '<caption>, in the style of <word>', r = 1 or 2
+    "in <word>'s style, <caption>". Three draws 0, 1, 2 give the first form once and the second twice; a seeded
+    run of 3000 lands near 1000 : 2000."""
+    rng = Cycle()
+    prompts = [dc.forget_prompt("a painting of a house", "painting", "Monet", "append", rng) for _ in range(3)]
+    assert prompts == ["a painting of a house, in the style of Monet", "in Monet's style, a painting of a house",
+                       "in Monet's style, a painting of a house"]
+    rng = random.Random(0)
+    first = sum(dc.forget_prompt("c", "a", "w", "append", rng).startswith("c, ") for _ in range(3000))
+    assert abs(first - 1000) < 90  # 1000 +- 3.5 standard deviations (sqrt(3000 * 1/3 * 2/3) = 25.8)
+
+
+def sd_info(kind, anchor="", words=("claude monet",)):
+    return dict(kind=kind, name=words[0], words=list(words), held_out=[], near=[], anchor=anchor, others=[],
+                templates=["{}", "a photo of {}", "a painting of {}"])
+
+
+def test_each_kind_resolves_to_its_row_and_a_flag_beats_it():
+    """KIND_DEFAULTS, read off the official README's three runs: styles map onto 'painting' with appended style
+    phrases and dlr 5e-4; nudity onto 'clothed', replaced, 1e-4; objects onto their own anchor (article dropped),
+    replaced, 1e-4; the miniature world's objects and colours onto blob and gray (toy dlr 1e-3)."""
+    sd_args = lambda *flags: common.parse_args(dc.Args, ["--concept", "claude monet", *flags])  # noqa: E731
+    style = dc.concept_settings(sd_args(), sd_info("style", anchor="art"))
+    assert (style["kind"], style["anchor"], style["forget_mode"], style["dlr"]) == ("style", "painting", "append", 5e-4)
+    assert "Unlearning Style" in style["defaults"] and style["words"] == ["claude monet"]
+    nudity = dc.concept_settings(sd_args(), sd_info("nudity", words=("nudity", "nude")))
+    assert (nudity["anchor"], nudity["forget_mode"], nudity["dlr"]) == ("clothed", "replace", 1e-4)
+    church = dc.concept_settings(sd_args(), sd_info("object", anchor="a building", words=("church",)))
+    assert (church["anchor"], church["forget_mode"], church["dlr"]) == ("building", "replace", 1e-4)
+    assert church["retain_weight"] == 0.0
+    own = dc.concept_settings(sd_args(), dict(sd_info("style"), anchors={"domain_correction": "oil painting"}))
+    assert own["anchor"] == "oil painting"  # the concept file's own DoCo anchor beats the row's
+    flags = dc.concept_settings(sd_args("--anchor", "art", "--forget_mode", "replace", "--dlr", "3e-4", "--surgery", "none"),
+                                sd_info("style"))
+    assert (flags["anchor"], flags["forget_mode"], flags["dlr"], flags["retain_weight"]) == ("art", "replace", 3e-4, 0.1)
+    for concept, anchor in [("circle", "blob"), ("red", "gray")]:
+        toy = dc.concept_settings(common.parse_args(dc.Args, ["--model", "toy", "--concept", concept],
+                                                    toy_defaults=dc.TOY_DEFAULTS), common.concept_info(concept, "toy"))
+        assert (toy["anchor"], toy["forget_mode"], toy["dlr"]) == (anchor, "replace", dc.TOY_DEFAULTS["dlr"])
+    with pytest.raises(SystemExit, match="--anchor"):
+        dc.concept_settings(sd_args(), sd_info("object"))
+    with pytest.raises(SystemExit, match="--kind"):
+        dc.concept_settings(sd_args(), sd_info("custom"))
+
+
 TOY_RUN = ["--model", "toy", "--concept", "circle", "--iterations", "2", "--warm_up", "1", "--batch_size", "2",
            "--n_anchor_images", "3", "--anchor_steps", "2", "--samples", "a circle"]
 
@@ -148,7 +204,8 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_sd_interface_one_iteration(sd_like_path, tmp_path):
-    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context)."""
+    """One generator step on the SD-v1.4-interface model (8x8 latents, 16 attn2 layers, 77x768 context), church
+    and a new artist (--kind style): config.json records the settings each kind resolved to."""
     out = tmp_path / "doco-church"
     dc.main(["--model", str(sd_like_path), "--concept", "church", "--iterations", "1", "--warm_up", "0",
              "--batch_size", "1", "--n_anchor_images", "2", "--anchor_steps", "2", "--samples", "a church",
@@ -157,3 +214,58 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert keys == kv_names(common.load_pipeline(str(sd_like_path), device="cpu").unet) and len(keys) == 32
     config = json.loads((out / "config.json").read_text())
     assert config["anchor"] == "building" and config["dlr"] == 1e-4 and config["args"]["lr"] == 4.8e-5
+    assert config["kind"] == "object" and config["forget_mode"] == "replace" and not config["args"]["sot_gradient"]
+    out = tmp_path / "doco-style"
+    dc.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--iterations", "1", "--warm_up", "0",
+             "--batch_size", "1", "--n_anchor_images", "1", "--anchor_steps", "1", "--samples", "a painting",
+             "--sample_steps", "1", "--output", str(out), "--device", "cpu"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["kind"], config["anchor"], config["forget_mode"], config["dlr"]) == ("style", "painting", "append", 5e-4)
+    assert "Unlearning Style" in config["defaults"]
+    assert json.loads((out / "anchor_images" / "meta.json").read_text())["captions"] == ["a painting of a house"]
+
+
+def test_start_token_gradient_stop_by_hand():
+    """One attn2.to_k with weight W = [[1, 1]] on a context of three positions x0 = (1, 0), x1 = (0, 2), x2 = (3, 0).
+    The keys are 1, 2, 3 with or without the stop. d sum(keys)/dW = x0 + x1 + x2 = (4, 2) without it and
+    x1 + x2 = (3, 2) with it; d sum(keys)/d x0 = W = (1, 1) without it and (0, 0) with it."""
+    to_k = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        to_k.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    model = torch.nn.ModuleDict({"attn2": torch.nn.ModuleDict({"to_k": to_k})})
+    expected = {False: ([4.0, 2.0], [1.0, 1.0]), True: ([3.0, 2.0], [0.0, 0.0])}
+    for stop, (weight_grad, first_grad) in expected.items():
+        hooks = dc.stop_start_token_gradient(model) if stop else []
+        assert len(hooks) == int(stop)
+        context = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]], requires_grad=True)
+        keys = model["attn2"]["to_k"](context)
+        assert keys.flatten().tolist() == [1.0, 2.0, 3.0]
+        keys.sum().backward()
+        assert to_k.weight.grad.flatten().tolist() == weight_grad
+        assert context.grad[0, 0].tolist() == first_grad and context.grad[0, 1].tolist() == [1.0, 1.0]
+        to_k.weight.grad = None
+        for hook in hooks:
+            hook.remove()
+
+
+def test_start_token_gradient_stop_on_the_unet(toy):
+    """On the miniature U-Net: the same output with the stop, no gradient to the context's position 0 (it
+    reaches the U-Net only through attn2.to_k/to_v), and some gradient with --sot_gradient."""
+    unet = common.trainable_copy(toy.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
+    gen = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    z_t = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
+    t = torch.tensor([100, 700])
+    context = common.encode(toy, ["a red circle", "a blue square"]).detach()
+    outputs, first_grads = {}, {}
+    for stop in (False, True):
+        hooks = dc.stop_start_token_gradient(unet) if stop else []
+        assert len(hooks) == (2 * sum(n.endswith("attn2") for n, _ in unet.named_modules()) if stop else 0)
+        ctx = context.clone().requires_grad_(True)
+        out = unet(z_t, t, encoder_hidden_states=ctx).sample
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
+        outputs[stop], first_grads[stop] = out.detach(), ctx.grad[:, 0].abs().max().item()
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(outputs[True], outputs[False])
+    assert first_grads[True] == 0.0 and first_grads[False] > 0

@@ -77,34 +77,135 @@ def stacked_lstsq(W0, erase, anchor, preserve, alpha, lam):
 @pytest.fixture()
 def realera_system(toy):
     """The keys RealEra builds for two concept prompts, two neighbours and two beyond perturbations each,
-    and three irrelevant prompts."""
-    emb = realera.frozen_embeddings(toy, dict(concept=["a circle", "a disc"], anchor=["a blob", "a blob"],
-                                              preserve=["a square", "a star", "a heart"]))
+    and three irrelevant prompts. 'a round shape' (tokens SOT a round shape EOT) has a longer span than
+    'a blob' (SOT a blob EOT), so its pairs skip the span and shift the padding by one."""
+    concept, anchor = ["a circle", "a round shape"], ["a blob", "a blob"]
+    emb = realera.frozen_embeddings(toy, dict(concept=concept, anchor=anchor, preserve=["a square", "a star", "a heart"]))
     generator = torch.Generator().manual_seed(0)
     radius = 1.6 * float(emb["concept"][0].norm())
     mined = [realera.mine_neighbors(e, radius, 0.5, 0.9, 2, 2, generator) for e in emb["concept"]]
-    keys = realera.alignment_keys(emb["concept"], emb["anchor"], [m[0] for m in mined], [m[1] for m in mined],
-                                  emb["preserve"])
-    return emb, mined, keys
+    pairs = realera.prompt_token_pairs(toy, concept, anchor, "same_length")
+    keys = realera.alignment_keys(emb["concept"], emb["anchor"], pairs, [m[0] for m in mined],
+                                  [m[1] for m in mined], emb["preserve"])
+    return emb, mined, pairs, keys
 
 
 def test_alignment_keys_stack_concept_neighbours_and_beyond_rows(realera_system):
-    emb, mined, (erase, anchor, preserve) = realera_system
+    """'a circle' / 'a blob' pair position by position (same-length spans): all L rows. 'a round shape' /
+    'a blob': SOT 0 -> 0, a 1 -> 1, EOT 4 -> 3, padding 5 + k -> 4 + k up to L - 1; round, shape left out."""
+    emb, mined, pairs, (erase, anchor, preserve) = realera_system
     L = emb["concept"].shape[1]
-    assert erase.shape[0] == anchor.shape[0] == 2 * (1 + 2) * L
+    assert pairs[0] == (list(range(L)), list(range(L)))
+    assert pairs[1] == ([0, 1, *range(4, L)], [0, 1, *range(3, L - 1)])
+    P = L - 2
+    assert erase.shape[0] == anchor.shape[0] == (1 + 2) * L + (1 + 2) * P
     assert preserve.shape[0] == 2 * 2 * L + 3 * L
     torch.testing.assert_close(erase[:L], emb["concept"][0])  # e itself first
     torch.testing.assert_close(erase[L:2 * L], mined[0][0][0])  # then its neighbours
-    torch.testing.assert_close(anchor[L:2 * L], emb["anchor"][0])  # neighbours -> anchor, position by position
+    torch.testing.assert_close(anchor[L:2 * L], emb["anchor"][0])  # neighbours -> anchor, with e's pairs
+    second = 3 * L  # the second concept prompt's rows: e, then its two neighbours, each with P paired tokens
+    torch.testing.assert_close(erase[second:second + P], emb["concept"][1, pairs[1][0]])
+    torch.testing.assert_close(erase[second + P + 2], mined[1][0][0][4])  # its first neighbour's EOT position
+    torch.testing.assert_close(anchor[second + P + 2], emb["anchor"][1][3])  # -> the anchor's EOT
     torch.testing.assert_close(preserve[:L], mined[0][1][0])  # beyond perturbations, then the prompts
     torch.testing.assert_close(preserve[-L:], emb["preserve"][2])
+
+
+# The real CLIP tokenizer (tests/conftest.py's SD-interface model), ids as the tokenizer gives them:
+# "a photo of nudity"                   SOT a photo of nu dity EOT                   (EOT at 6)
+# "a photo of a person wearing clothes" SOT a photo of a person wearing clothes EOT  (EOT at 8)
+# "Van Gogh" SOT van gogh EOT (EOT at 3); "art" SOT art EOT (EOT at 2). Padding runs to position 76.
+NUDITY = ([49406, 320, 1125, 539, 1156, 16436, 49407], [49406, 320, 1125, 539, 320, 2533, 3309, 7080, 49407])
+VAN_GOGH = ([49406, 2451, 19697, 49407], [49406, 794, 49407])
+
+
+def test_token_pairs_by_hand_on_the_real_tokenizer(sd_like):
+    """MACE's alignment: shared prefix to itself, end-of-text to end-of-text, padding by its distance from
+    end-of-text (the longer prompt's last padding positions unpaired), spans of different lengths left out."""
+    ids = common.tokenize(sd_like, ["a photo of nudity", "a photo of a person wearing clothes", "Van Gogh", "art"])
+    for row, expected in zip(ids, [*NUDITY, *VAN_GOGH]):
+        assert row[:len(expected)].tolist() == expected
+    nudity = ([0, 1, 2, 3, 6, *range(7, 75)], [0, 1, 2, 3, 8, *range(9, 77)])  # nu dity / a person ... unpaired
+    van_gogh = ([0, 3, *range(4, 77)], [0, 2, *range(3, 76)])  # van gogh / art unpaired
+    assert realera.token_pairs(*NUDITY, 77) == nudity
+    assert realera.token_pairs(*VAN_GOGH, 77) == van_gogh
+    assert realera.token_pairs(*NUDITY, 77, "none") == nudity
+    assert realera.token_pairs(*VAN_GOGH, 77, "last") == ([0, 2, 3, *range(4, 77)], [0, 1, 2, *range(3, 76)])
+    assert realera.token_pairs(*NUDITY, 77, "last") == ([0, 1, 2, 3, 5, 6, *range(7, 75)],
+                                                         [0, 1, 2, 3, 7, 8, *range(9, 77)])  # dity -> clothes
+    assert realera.prompt_token_pairs(sd_like, ["a photo of nudity", "Van Gogh"],
+                                      ["a photo of a person wearing clothes", "art"], "same_length") == [nudity, van_gogh]
+
+
+def test_token_pairs_of_same_length_spans_and_shared_words():
+    """Spans of equal length pair position by position ('none' still leaves them out, as MACE); words after the
+    concept pair from the end; identical prompts pair every position."""
+    church, building = [49406, 320, 1125, 539, 2735, 49407], [49406, 320, 1125, 539, 2307, 49407]  # a photo of ..
+    assert realera.token_pairs(church, building, 8) == (list(range(8)), list(range(8)))
+    assert realera.token_pairs(church, building, 8, "none") == ([0, 1, 2, 3, 5, 6, 7], [0, 1, 2, 3, 5, 6, 7])
+    concept, anchor = [0, 5, 6, 7, 8, 1], [0, 9, 7, 8, 1]  # "nu dity on a beach" / "clothed on a beach"
+    assert realera.token_pairs(concept, anchor, 8) == ([0, 3, 4, 5, 6, 7], [0, 2, 3, 4, 5, 6])
+    assert realera.token_pairs(concept, concept, 8) == (list(range(8)), list(range(8)))
+
+
+def test_concept_end_of_text_is_mapped_onto_the_anchor_end_of_text(sd_like):
+    """Eq. 3's rows on the SD-interface model: the concept prompt's end-of-text vector (and its neighbours')
+    is an erase key whose anchor key is the anchor prompt's end-of-text vector, not the vector at the same
+    position (which would be a word of the anchor, 'person' for nudity)."""
+    for concept, anchor, eot_c, eot_a in [("a photo of nudity", "a photo of a person wearing clothes", 6, 8),
+                                          ("Van Gogh", "art", 3, 2)]:
+        emb = realera.frozen_embeddings(sd_like, dict(concept=[concept], anchor=[anchor]))
+        pairs = realera.prompt_token_pairs(sd_like, [concept], [anchor], "same_length")
+        neighbors = [emb["concept"] + 0.1]  # one stand-in neighbour
+        erase, anchor_keys, _ = realera.alignment_keys(emb["concept"], emb["anchor"], pairs, neighbors, [])
+        P = len(pairs[0][0])
+        row = pairs[0][0].index(eot_c)
+        torch.testing.assert_close(erase[row], emb["concept"][0, eot_c])
+        torch.testing.assert_close(anchor_keys[row], emb["anchor"][0, eot_a])
+        torch.testing.assert_close(erase[P + row], emb["concept"][0, eot_c] + 0.1)  # the neighbour, same pairing
+        torch.testing.assert_close(anchor_keys[P + row], emb["anchor"][0, eot_a])
+        assert not torch.allclose(anchor_keys[row], emb["anchor"][0, eot_c])
+
+
+def test_kind_defaults_resolve_to_maces_configs():
+    """Each kind gives its KIND_DEFAULTS row (MACE's configs); a flag beats the row; the toy's TOY_DEFAULTS
+    replace lr and steps; an object keeps its own anchor, church its parent concept."""
+    def settings(kind, *flags, model="sd", name="x", anchor="its anchor", anchors=None):
+        args = common.parse_args(realera.Args, ["--concept", name, "--model", model, *flags],
+                                 toy_defaults=realera.TOY_DEFAULTS)
+        return realera.kind_settings(args, dict(kind=kind, name=name, anchor=anchor, anchors=anchors or {}))
+
+    style = settings("style", name="claude monet")
+    assert (style["lam"], style["lr"], style["iterations"], style["anchor"]) == (0.0, 1e-4, 50, "art")
+    assert "erase_art_100.yaml" in style["kind_defaults"] and style["kind"] == "style"
+    nudity = settings("nudity")
+    assert (nudity["lam"], nudity["lr"], nudity["iterations"], nudity["anchor"]) == (0.0, 1e-5, 120,
+                                                                                     "a person wearing clothes")
+    obj = settings("object", name="parachute")
+    assert (obj["lam"], obj["lr"], obj["iterations"], obj["anchor"]) == (1e3, 1e-5, 50, "its anchor")
+    assert settings("object", name="church", anchors={"realera": "building"})["anchor"] == "building"
+    built_in = {name: common.concept_info(name, "sd") for name in ("nudity", "van gogh", "church")}
+    resolved = {name: realera.kind_settings(realera.Args(concept=name), info) for name, info in built_in.items()}
+    assert {name: (r["kind"], r["anchor"], r["lam"], r["lr"], r["iterations"]) for name, r in resolved.items()} == {
+        "nudity": ("nudity", "a person wearing clothes", 0.0, 1e-5, 120), "van gogh": ("style", "art", 0.0, 1e-4, 50),
+        "church": ("object", "building", 1e3, 1e-5, 50)}
+    monet = common.concept_info(None, "sd", concept_file=str(common.HERE / "concepts/examples/claude_monet.json"))
+    assert realera.kind_settings(realera.Args(), monet)["anchor"] == "art"
+    flags = settings("style", "--lam", "5", "--lr", "2e-4", "--iterations", "7", "--anchor", "a painting")
+    assert (flags["lam"], flags["lr"], flags["iterations"], flags["anchor"]) == (5.0, 2e-4, 7, "a painting")
+    for kind, anchor in [("object", "blob"), ("colour", "gray")]:
+        toy = settings(kind, model="toy", name="circle", anchor=anchor)
+        assert (toy["lam"], toy["lr"], toy["iterations"], toy["anchor"]) == (1e3, 5e-4, 300, anchor)
+    with pytest.raises(SystemExit, match="kind 'custom'"):
+        settings("custom")
+    assert set(realera.KIND_DEFAULTS) == {*common.KINDS, "colour"}  # every --kind, and the miniature world's colour
 
 
 @pytest.mark.parametrize("alpha, lam", [(1.0, 1e3), (0.5, 10.0), (2.0, 0.0)])
 def test_closed_form_stage_equals_lstsq_on_the_stacked_system(toy, realera_system, alpha, lam):
     """Each edited attn2.to_k / to_v equals torch.linalg.lstsq on the stacked system of the keys RealEra
     builds (concept and neighbour rows, beyond-concept rows, the lambda rows)."""
-    _, _, (erase, anchor, preserve) = realera_system
+    _, _, _, (erase, anchor, preserve) = realera_system
     unet = copy.deepcopy(toy.unet)
     assert realera.cross_attention_alignment(unet, erase, anchor, preserve, alpha, lam) == 8
     originals = dict(common.attn2_projections(toy.unet))
@@ -118,7 +219,7 @@ def test_closed_form_stage_equals_lstsq_on_the_stacked_system(toy, realera_syste
 def test_huge_alpha_keeps_beyond_outputs_and_only_attn2_kv_change(toy, realera_system):
     """alpha -> infinity: the beyond-concept rows keep W0 b; with alpha = 1 the concept moves towards the
     anchor. Only attn2.to_k / to_v weights are edited."""
-    _, _, (erase, anchor, preserve) = realera_system
+    _, _, _, (erase, anchor, preserve) = realera_system
     kept = copy.deepcopy(toy.unet)
     realera.cross_attention_alignment(kept, erase, anchor, preserve, 1e6, 1e3)
     edited = copy.deepcopy(toy.unet)
@@ -225,7 +326,10 @@ def test_toy_two_iterations(tmp_path):
     assert {p.name for p in out.iterdir()} == {"erased.safetensors", "config.json", "samples.png"}
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "realera" and config["args"]["iterations"] == 2 and config["anchor"] == "blob"
-    assert config["erased_token_vectors"] == 9 * (1 + 5) * 24  # 3 words x 3 templates, 5 neighbours, 24 tokens
+    # 3 words x 3 templates, 5 neighbours, 24 tokens; 'round shape' vs 'blob' leaves its span and 1 padding position
+    assert config["paired_tokens"] == [24, 24, 22] * 3
+    assert config["erased_token_vectors"] == (6 * 24 + 3 * 22) * (1 + 5)
+    assert config["kind"] == "object" and config["lam"] == 1e3 and config["lr"] == 5e-4 and config["iterations"] == 2
     keys = set(load_file(out / "erased.safetensors"))
     assert keys == kv_names(common.load_pipeline("toy", device="cpu").unet)
 
@@ -267,4 +371,21 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     assert keys == kv_names(common.load_pipeline(str(sd_like_path), device="cpu").unet) and len(keys) == 32
     config = json.loads((out / "config.json").read_text())
     assert config["anchor"] == "building" and config["lam"] == 1e3 and config["lr"] == 1e-5
+    assert config["kind"] == "object" and "erase_ship.yaml" in config["kind_defaults"] and config["iterations"] == 1
     assert config["anchor_prompts"][:2] == ["a photo of a building", "a building in the city"]
+
+
+def test_sd_interface_style_run_records_maces_art_settings(sd_like_path, tmp_path):
+    """A new artist with --kind style on the SD-interface model: MACE's art row (lambda 0 still solvable, the
+    anchor 'art'); config.json shows the resolved settings and how many tokens each prompt paired."""
+    out = tmp_path / "realera-monet"
+    realera.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--stage", "closed_form",
+                  "--samples", "a painting", "--output", str(out), "--device", "cpu"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["kind"], config["anchor"], config["lam"], config["lr"], config["iterations"]) == (
+        "style", "art", 0.0, 1e-4, 50)
+    assert "erase_art_100.yaml" in config["kind_defaults"]
+    assert config["anchor_prompts"][0] == "a painting in the style of art"
+    # "a painting in the style of claude monet" (SOT + 6 words + claude monet + EOT = 10 tokens) against "... art"
+    # (9 tokens): the span is left out, so 7 shared + EOT + 77 - 10 padding = 75 pairs
+    assert config["paired_tokens"][0] == 75

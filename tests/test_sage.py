@@ -58,10 +58,10 @@ def test_global_retention_loss_by_hand():
 
 def test_global_retention_loss_zero_for_identical_encoders_positive_after_perturbation(toy):
     words = ["red", "square", "star", "blue", "photo", "background"]
-    original = sage.pooled(toy, toy.text_encoder, words, "eot")
-    same = sage.pooled(toy, copy.deepcopy(toy.text_encoder), words, "eot")
+    original = common.pooled_features(toy, words, toy.text_encoder, "eot")
+    same = common.pooled_features(toy, words, copy.deepcopy(toy.text_encoder), "eot")
     assert float(sage.global_retention_loss(same, original)) == 0.0
-    moved = sage.pooled(toy, perturbed(toy.text_encoder, 0.5), words, "eot")
+    moved = common.pooled_features(toy, words, perturbed(toy.text_encoder, 0.5), "eot")
     assert float(sage.global_retention_loss(moved, original)) > 1e-4
 
 
@@ -69,7 +69,7 @@ def test_self_check_accepts_the_concept_and_rejects_another(toy):
     """Eq. 2: the training encoder (here = the original) maps emb('circle') onto pool(E_0('circle')): accepted
     (similarity 1); emb('square') is mapped elsewhere: rejected. A training encoder that no longer maps
     emb('circle') onto the concept rejects it too."""
-    feature = sage.pooled(toy, toy.text_encoder, ["circle"], "eot")
+    feature = common.pooled_features(toy, ["circle"], toy.text_encoder, "eot")
     circle, eos = concept_sample(toy, "circle")
     square, _ = concept_sample(toy, "square")
     trained = copy.deepcopy(toy.text_encoder)
@@ -84,7 +84,7 @@ def test_self_check_accepts_the_concept_and_rejects_another(toy):
 def test_boundary_search_moves_away_inside_the_ball(toy):
     """Eq. 1: only the concept's tokens move, each stays within delta ||e_i|| of e_i, and the push term
     takes the sample away from e while it stays in the concept domain of a not-yet-erased encoder."""
-    feature = sage.pooled(toy, toy.text_encoder, ["round shape"], "eot")
+    feature = common.pooled_features(toy, ["round shape"], toy.text_encoder, "eot")
     embeds, eos = concept_sample(toy, "round shape")
     content = torch.zeros(embeds.shape[1], dtype=torch.bool)
     content[1:int(eos)] = True
@@ -100,31 +100,55 @@ def test_boundary_search_moves_away_inside_the_ball(toy):
     assert ok
 
 
-def test_pooling(toy):
-    """'eot' is CLIP's pooled feature (common.pooled_features); 'mean' averages the tokens up to end-of-text."""
-    ids = common.tokenize(toy, ["a red circle", "star"])
-    hidden = toy.text_encoder(ids)[0]
-    eos = common.eos_index(toy, ids)
-    torch.testing.assert_close(sage.pool(toy.text_encoder, hidden, eos, "eot"),
-                               common.pooled_features(toy, ["a red circle", "star"]))
-    torch.testing.assert_close(sage.pool(toy.text_encoder, hidden, eos, "mean")[1], hidden[1, :3].mean(0))
+def test_pooling(toy, sd_like):
+    """'eot' is CLIP's pooled feature: the text model's own pooler_output (the oracle), on both tokenizers;
+    'mean' averages the tokens up to and including end-of-text. SAGE pools with common.pool."""
+    for pipe, prompts in [(toy, ["a red circle", "star"]), (sd_like, ["a photo of nudity", "Van Gogh"])]:
+        ids = common.tokenize(pipe, prompts)
+        with torch.no_grad():
+            out = pipe.text_encoder(ids)
+            eos = common.eos_index(pipe, ids)
+            torch.testing.assert_close(common.pool(out[0], eos, "eot", pipe.text_encoder), out.pooler_output)
+            torch.testing.assert_close(common.pooled_features(pipe, prompts), out.pooler_output)
+            torch.testing.assert_close(common.pooled_features(pipe, prompts, pooling="mean")[1],
+                                       out[0][1, :int(eos[1]) + 1].mean(0))
+    assert int(common.eos_index(toy, common.tokenize(toy, ["star"]))[0]) == 2  # SOT star EOT: mean of 3 tokens
+    assert not hasattr(sage, "pool") and not hasattr(sage, "pooled")  # one pooled-feature function, in common
 
 
 def test_irrelevant_concepts_leave_out_the_concept_and_its_synonyms(toy, sd_like):
-    """R_g: vocabulary words, without the concept's words and the nearest fraction (which on the miniature
-    model holds the held-out synonym 'orb', never named to the method)."""
+    """R_g: vocabulary words, without any piece of the concept's words and held-out words, and without the
+    nearest fraction."""
     import random
 
-    words, features = sage.irrelevant_concepts(toy, ["circle", "disc", "round shape"], 2000, 0.1, "eot",
-                                               random.Random(0))
+    words, features = sage.irrelevant_concepts(toy, ["circle", "disc", "round shape"], ["orb", "round disk"], 2000,
+                                               0.1, "eot", random.Random(0))
     vocabulary = sage.vocabulary_words(toy.tokenizer)
     assert "<|endoftext|>" not in vocabulary and "square" in vocabulary
-    assert not {"circle", "disc", "round", "shape", "orb"} & set(words)
-    assert len(words) == len(features) == (len(vocabulary) - 4) - int(0.1 * (len(vocabulary) - 4))
-    torch.testing.assert_close(features, sage.pooled(toy, toy.text_encoder, words, "eot"))
+    assert not {"circle", "disc", "round", "shape", "orb", "disk"} & set(words)
+    assert len(words) == len(features) == (len(vocabulary) - 6) - int(0.1 * (len(vocabulary) - 6))
+    torch.testing.assert_close(features, common.pooled_features(toy, words, toy.text_encoder, "eot"))
     sd_words = sage.vocabulary_words(sd_like.tokenizer)  # the real CLIP vocabulary: word-final '</w>' tokens
     assert {"church", "photo", "painting", "a"} <= set(sd_words) and 20_000 < len(sd_words) < 49_408
     assert all(w.isascii() and w.isalpha() for w in sd_words) and "<|endoftext|>" not in sd_words
+
+
+def test_irrelevant_words_hold_no_piece_of_the_concept_on_the_real_tokenizer(sd_like, monkeypatch):
+    """CLIP cuts 'nudity' into 'nu' + 'dity</w>', and 'dity</w>' ends a word, so vocabulary_words offers 'dity'.
+    R_g, drawn here from the whole vocabulary (features stubbed: only the word filter is under test), holds no
+    piece of the concept's words or its held-out words; every other vocabulary word stays."""
+    import random
+
+    assert sd_like.tokenizer.tokenize("nudity") == ["nu", "dity</w>"]
+    vocabulary = set(sage.vocabulary_words(sd_like.tokenizer))
+    assert {"dity", "topless", "naked", "clothes"} <= vocabulary
+    concept, held_out = ["nudity", "nude", "naked"], ["without clothes", "topless"]
+    pieces = {"nu", "dity", "nude", "naked", "without", "clothes", "topless"}
+    assert sage.word_pieces(sd_like.tokenizer, concept + held_out) == pieces
+    monkeypatch.setattr(common, "pooled_features", lambda pipe, prompts, *a, **k: torch.randn(len(prompts), 8))
+    words, _ = sage.irrelevant_concepts(sd_like, concept, held_out, 10**6, 0.0, "eot", random.Random(0))
+    assert not pieces & set(words)
+    assert set(words) == vocabulary - pieces and len(words) == len(set(words))
 
 
 def test_ablation_switches_parse():
@@ -168,7 +192,7 @@ def test_toy_two_iterations_change_only_transformer_weights(tmp_path, toy, monke
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "sage" and config["args"]["iterations"] == 2
     assert config["args"]["lr"] == sage.TOY_DEFAULTS["lr"] and config["words"] == ["circle", "disc", "round shape"]
-    assert config["searches"] == (0 if switches else 2) and config["irrelevant_concepts"] == (0 if switches else 101)
+    assert config["searches"] == (0 if switches else 2) and config["irrelevant_concepts"] == (0 if switches else 99)
     assert (out / "samples.png").exists()
 
 

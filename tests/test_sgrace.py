@@ -77,7 +77,7 @@ def test_attack_moves_only_adversarial_tokens_and_pgd_stays_in_its_ball(toy):
     """The signed attack changes the adversarial positions only (SOT, EOT, padding are fixed); with
     --pgd_radius every coordinate stays within the radius of the round's start."""
     random.seed(0)
-    args = toy_args(samples=3, attack_steps=3, pgd_radius=0.05)
+    args = toy_args(adv_samples=3, attack_steps=3, pgd_radius=0.05)
     settings = sgrace.concept_settings(args, common.concept_info("circle", "toy"))
     ids, embeds, last = sgrace.draw_samples(toy, ["circle", "disc", "round shape"], settings, args)
     positions = torch.arange(ids.shape[1])
@@ -131,15 +131,126 @@ def test_concept_settings_table_and_flags():
     assert (church["random_ids"], church["max_words"], church["w_param"]) == (0, 20, 0.2)
 
 
+def custom_info(kind, name="claude monet"):
+    return dict(kind=kind, name=name, words=[name], held_out=[], near=[], anchor="", others=[],
+                templates=["{}", "a photo of {}", "a painting of {}"])
+
+
+def test_a_concept_without_a_row_takes_its_kind_row():
+    """A concept SETTINGS does not list gets its kind's row (KIND_ROWS), not church's: a style van gogh's
+    (adv lr 0.005, p_update 0.15, 0 random ids, 3-20 words, w_sim 1.2, w_anchor 1, 8 anchors, w_param 0.2, the
+    prompt 'a picture of c'), nudity nudity's, an object church's; a listed concept keeps its own row."""
+    args = common.parse_args(sgrace.Args, ["--concept", "claude monet"])
+    style = sgrace.concept_settings(args, custom_info("style"))
+    assert style["row"] == "van gogh" and style["kind"] == "style"
+    assert [style[k] for k in ("adv_lr", "p_update", "random_ids", "min_words", "max_words", "w_sim", "w_anchor",
+                               "n_anchors", "w_param")] == [0.005, 0.15, 0, 3, 20, 1.2, 1.0, 8, 0.2]
+    nudity = sgrace.concept_settings(args, custom_info("nudity", "topless"))
+    assert (nudity["row"], nudity["kind"], nudity["random_ids"], nudity["n_anchors"]) == ("nudity", "harmful", 5, 16)
+    snoopy = sgrace.concept_settings(args, custom_info("object", "snoopy"))
+    assert (snoopy["row"], snoopy["kind"], snoopy["w_sim"]) == ("church", "object", 1.0)
+    picasso = sgrace.concept_settings(args, custom_info("style", "picasso"))
+    assert (picasso["row"], picasso["adv_lr"], picasso["random_ids"], picasso["w_anchor"]) == ("picasso", 0.01, 3, 2.0)
+    assert sgrace.concept_settings(args, common.concept_info("red", "toy"))["row"] == "church"
+    with pytest.raises(SystemExit, match="--kind"):
+        sgrace.concept_settings(args, custom_info("custom"))
+
+
+def official_draws(seed, related, n_samples, lo, hi, p_update, rounds):
+    """Python's random as the official train.py spends it: per round one word count (random.randint); in round 1
+    random.sample([c], 1) for e_0 (the extra draw), then random.sample(R, n) for e_1..e_{K-1}; then t
+    (random.sample(range(750, 950), 1)); from round 2 random.random() < p_update per sample and a re-draw.
+    Returns the words of every drawn sample, in order, and t."""
+    random.seed(seed)
+    draws = []
+    n = random.randint(lo, hi)
+    draws.append(random.sample(related[:1], 1))
+    draws += [random.sample(related, n) for _ in range(1, n_samples)]
+    t = random.sample(range(750, 950), 1)[0]
+    for _ in range(1, rounds):
+        n = random.randint(lo, hi)
+        draws += [random.sample(related, n) for _ in range(n_samples) if random.random() < p_update]
+    return draws, t
+
+
+def test_a_seed_draws_the_official_samples(sd_like):
+    """With the same seed, draw_samples and the few-shot t spend Python's random as the official script does, so
+    they pick the same words: the e_0 draw included, random ids (torch's generator, as official) or not."""
+    related = ["church", "steeple", "spire", "altar", "pews", "nave", "choir", "priest", "hymn", "chapel bell"]
+    for random_ids in (0, 3):
+        args = common.parse_args(sgrace.Args, ["--concept", "church", "--adv_samples", "4", "--random_ids",
+                                               str(random_ids), "--min_words", "2", "--max_words", "4",
+                                               "--p_update", "0.5", "--projection", "none"])
+        settings = sgrace.concept_settings(args, custom_info("object", "church"))
+        expected, t_expected = official_draws(7, related, 4, 2, 4, 0.5, rounds=3)
+        random.seed(7)
+        ours = []
+        ids, embeds, last = sgrace.draw_samples(sd_like, related, settings, args)
+        ours += [ids[k, 1 + random_ids * (k > 0):last[k] + 1] for k in range(4)]
+        t = random.randrange(args.timestep_low, args.timestep_high)  # few_shot_latent's draw
+        old = (ids, embeds, last)
+        for _ in range(2):
+            ids, embeds, last = sgrace.draw_samples(sd_like, related, settings, args, old=old)
+            ours += [ids[k, 1 + random_ids:last[k] + 1] for k in range(4) if not torch.equal(ids[k], old[0][k])]
+            old = (ids, embeds, last)
+        assert t == t_expected and len(ours) == len(expected) > 4
+        for got, words in zip(ours, expected):
+            want = common.tokenize(sd_like, [",".join(words)])[0]
+            assert torch.equal(got, want[1:common.eos_index(sd_like, want[None])[0]])
+
+
+def test_token_limit_keeps_75_minus_r_word_tokens(sd_like):
+    """Real CLIP tokenizer, 40 x 'church' joined by ',': 79 tokens, cut by the tokenizer to 75 (church , church ...
+    church: 38 churches, 37 commas). With r = 0 random ids all 75 stay (the official slice [:-0] would keep none);
+    with r = 2, 73 stay (as official); with exactly 73 word tokens and r = 2 all 73 stay (official: none)."""
+    church, comma = common.tokenize(sd_like, ["church,"])[0][1:3].tolist()
+    for words, r, kept in [(["church"] * 40, 0, 75), (["church"] * 40, 2, 73), (["church"] * 37, 2, 73)]:
+        ids, last = sgrace.sample_ids(sd_like, words, r, ",")
+        assert last == r + kept and ids[last + 1] == sd_like.tokenizer.eos_token_id
+        assert ids[1 + r:last + 1].tolist() == [church if i % 2 == 0 else comma for i in range(kept)]
+
+
+def test_fallback_lists_are_whole_words_without_the_concepts_pieces(sd_like):
+    """The real CLIP tokenizer splits 'nudity' into 'nu' + the word-final piece 'dity</w>', and the held-out word
+    'nakedness' into 'naked' + 'ness</w>'. With the token embeddings of 'ness</w>' and 'naked</w>' set to the
+    concept's mean (so they would be the nearest), no piece enters R or U, nor a synonym or held-out word; every
+    entry is an end-of-word token of 3+ letters."""
+    tok = sd_like.tokenizer
+    assert sgrace.token_pieces(tok, ["nudity", "nakedness"]) == {"nu", "dity", "naked", "ness"}
+    table = sd_like.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        mean = table[tok.convert_tokens_to_ids(["nu", "dity</w>"])].mean(0)
+        table[tok.convert_tokens_to_ids(["ness</w>", "naked</w>"])] = mean
+    related, unrelated = sgrace.vocabulary_neighbours(sd_like, "nudity", 200, ["nude", "nakedness", "without clothes"])
+    assert len(related) == len(unrelated) == 200 and not set(related) & set(unrelated)
+    assert not set(related + unrelated) & {"nu", "dity", "nude", "naked", "ness", "nakedness", "without", "clothes"}
+    assert all(f"{w}</w>" in tok.get_vocab() and len(w) >= 3 and w.isalpha() for w in related + unrelated)
+
+
+def test_word_lists_prefer_the_concept_files_lists(sd_like, tmp_path):
+    """A concept file's 'related' / 'unrelated' are used when present; --related still beats them; without either
+    the fallback fills the missing list only."""
+    info = dict(custom_info("style"), related=["impressionism", "water lilies"], unrelated=["pond", "bridge"])
+    args = common.parse_args(sgrace.Args, ["--concept", "claude monet"])
+    assert sgrace.word_lists(args, sd_like, info) == (["claude monet", "impressionism", "water lilies"], ["pond", "bridge"])
+    (tmp_path / "r.txt").write_text("haystacks\n")
+    args = common.parse_args(sgrace.Args, ["--concept", "claude monet", "--related", str(tmp_path / "r.txt")])
+    assert sgrace.word_lists(args, sd_like, info)[0] == ["claude monet", "haystacks"]
+    args = common.parse_args(sgrace.Args, ["--concept", "claude monet", "--fallback_words", "5"])
+    related, unrelated = sgrace.word_lists(args, sd_like, dict(custom_info("style"), related=["impressionism"]))
+    assert related == ["claude monet", "impressionism"] and len(unrelated) == 5
+
+
 def test_toy_end_to_end_two_rounds(tmp_path):
     out = tmp_path / "erased"
     sgrace.main(["--model", "toy", "--concept", "red", "--device", "cpu", "--rounds", "2", "--attack_steps", "2",
-                 "--erase_steps", "2", "--output", str(out)])
+                 "--erase_steps", "2", "--samples", "a red thing", "--output", str(out)])
     assert {p.name for p in out.iterdir()} == {"erased.safetensors", "config.json", "samples.png"}
     tensors = load_file(out / "erased.safetensors")
     assert tensors and all(k.startswith("text_encoder.") and sgrace.trainable(k.split(".", 1)[1]) for k in tensors)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "sgrace" and config["args"]["concept"] == "red" and config["attack_seconds"] > 0
+    assert config["args"]["adv_samples"] == 8 and config["args"]["samples"] == ["a red thing"]
     pipe = common.load_pipeline("toy", erased=out, device="cpu")
     name = next(iter(tensors)).split(".", 1)[1]
     assert torch.equal(dict(pipe.text_encoder.named_parameters())[name].detach(), tensors[f"text_encoder.{name}"])
@@ -154,20 +265,34 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_sd_interface_one_round(sd_like_path, tmp_path):
-    """One round on the tiny SD-v1.4-interface model (77 tokens, 768-d), the AdvUnlearn-style options."""
+def test_sd_interface_one_round(sd_like_path, tmp_path, monkeypatch):
+    """One round on the tiny SD-v1.4-interface model (77 tokens, 768-d), the AdvUnlearn-style options. samples.png
+    shows, in church's second template 'a {} in the city', the concept, a held-out word and a near concept."""
+    shown = []
+    before_after = common.before_after
+    monkeypatch.setattr(common, "before_after", lambda pipe, prompts, *a, **k: shown.append(prompts) or before_after(
+        pipe, prompts, *a, **k))
     out = tmp_path / "erased"
     sgrace.main(["--model", str(sd_like_path), "--concept", "church", "--device", "cpu", "--projection", "none",
-                 "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--samples", "2", "--output", str(out)])
+                 "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples", "2", "--output", str(out)])
     tensors = load_file(out / "erased.safetensors")
     assert tensors and all(k.startswith("text_encoder.") for k in tensors)
     config = json.loads((out / "config.json").read_text())
     assert config["prompt"] == "a photo of church" and config["settings"]["max_words"] == 20
+    assert config["settings"]["row"] == "church" and config["args"]["samples"] == []
+    assert shown[0] == ["a church in the city", "a chapel in the city", "a castle in the city"]
     out_esd = tmp_path / "esd"
     sgrace.main(["--model", str(sd_like_path), "--concept", "church", "--device", "cpu", "--projection", "none",
-                 "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--samples", "1", "--init", "target",
+                 "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples", "1", "--init", "target",
                  "--random_ids", "1", "--semantic_weight", "0", "--erase_loss", "esd", "--output", str(out_esd)])
     assert load_file(out_esd / "erased.safetensors")
+    out_style = tmp_path / "style"
+    sgrace.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--device", "cpu",
+                 "--projection", "none", "--rounds", "1", "--attack_steps", "1", "--erase_steps", "1", "--adv_samples",
+                 "2", "--latent_steps", "2", "--fallback_words", "8", "--sample_steps", "1", "--output", str(out_style)])
+    config = json.loads((out_style / "config.json").read_text())
+    assert config["settings"]["row"] == "van gogh" and config["prompt"] == "a picture of claude monet"
+    assert config["related"][0] == "claude monet" and len(config["unrelated"]) == 8
 
 
 def test_random_ids_never_draw_held_out_words(toy):

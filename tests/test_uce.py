@@ -28,7 +28,7 @@ def stacked_lstsq(W, keys, values, kept, s_p, reg, s_e):
 @pytest.mark.parametrize("s_e, s_p, reg, m", [(1.0, 1.0, 0.5, 4), (1.5, 0.7, 0.3, 4), (2.0, 1.0, 0.1, 0)])
 def test_closed_form_equals_lstsq_on_the_stacked_system(s_e, s_p, reg, m):
     W, keys, values, kept = random_system(m=m)
-    W_star = common.closed_form_edit(W, keys, values, kept, s_p, reg, erase_scale=s_e)
+    W_star = uce.closed_form_edit(W, keys, values, kept, s_p, reg, erase_scale=s_e)
     assert W_star.dtype == W.dtype and W_star.shape == W.shape
     torch.testing.assert_close(W_star.double(), stacked_lstsq(W, keys, values, kept, s_p, reg, s_e), rtol=1e-4, atol=1e-4)
 
@@ -36,7 +36,7 @@ def test_closed_form_equals_lstsq_on_the_stacked_system(s_e, s_p, reg, m):
 def test_huge_preservation_weight_keeps_preserved_keys():
     """With s_p -> infinity the preserved keys' outputs do not move, while the erase keys still do."""
     W, keys, values, kept = random_system()
-    W_star = common.closed_form_edit(W, keys, values, kept, preserve_lambda=1e6, reg=0.5)
+    W_star = uce.closed_form_edit(W, keys, values, kept, preserve_scale=1e6, lam=0.5)
     torch.testing.assert_close(kept @ W_star.T, kept @ W.T, rtol=1e-3, atol=1e-3)
     assert (keys @ W_star.T - values).norm() < 0.5 * (keys @ W.T - values).norm()
 
@@ -45,15 +45,15 @@ def test_interpolates_when_the_keys_are_few_and_the_pull_vanishes():
     """n + m <= d_in independent keys and reg -> 0: erase keys land exactly on their targets and
     preserved keys exactly on their old outputs (the defining property of the edit)."""
     W, keys, values, kept = random_system(n=3, m=4, d_in=10)
-    W_star = common.closed_form_edit(W, keys, values, kept, preserve_lambda=1.0, reg=1e-6)
+    W_star = uce.closed_form_edit(W, keys, values, kept, preserve_scale=1.0, lam=1e-6)
     torch.testing.assert_close(keys @ W_star.T, values, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(kept @ W_star.T, kept @ W.T, rtol=1e-3, atol=1e-3)
 
 
 def test_nothing_to_erase_changes_nothing():
     W, keys, values, kept = random_system()
-    torch.testing.assert_close(common.closed_form_edit(W, keys, values, kept, 1.0, 0.5, erase_scale=0.0), W)
-    torch.testing.assert_close(common.closed_form_edit(W, keys, keys @ W.T, kept, 1.0, 0.5), W, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(uce.closed_form_edit(W, keys, values, kept, 1.0, 0.5, erase_scale=0.0), W)
+    torch.testing.assert_close(uce.closed_form_edit(W, keys, keys @ W.T, kept, 1.0, 0.5), W, rtol=1e-4, atol=1e-4)
 
 
 def test_token_vectors_pick_the_official_positions(toy):
@@ -72,6 +72,26 @@ def test_token_vectors_pick_the_official_positions(toy):
     erase, guide = uce.erase_and_guide_keys(toy, ["a red circle"], [""], "tail")
     assert erase.shape == guide.shape == (length - 3, hidden.shape[-1])
     torch.testing.assert_close(guide, hidden[1, :length - 3])
+
+
+def test_tail_pairs_end_of_text_with_end_of_text_on_the_real_tokenizer(sd_like):
+    """Both official scripts pair from each prompt's last word token (attention_mask.sum() - 2), not position by
+    position. Real CLIP tokens: 'Van Gogh' = [SOT, van, gogh, EOT] (last word 2, EOT 3), 'art' = [SOT, art, EOT]
+    (last word 1, EOT 2). So 'last' pairs gogh (2) with art (1); 'tail' pairs concept positions 2..76 with guide
+    positions 1..75: gogh -> art, EOT (3) -> EOT (2), padding 4 + k -> 3 + k. 'van' (1) is not edited."""
+    ids = common.tokenize(sd_like, ["Van Gogh", "art"])
+    assert ids[0, :4].tolist() == [49406, 2451, 19697, 49407] and ids[1, :3].tolist() == [49406, 794, 49407]
+    with torch.no_grad():
+        hidden = sd_like.text_encoder(ids)[0].float()
+    erase, guide = uce.erase_and_guide_keys(sd_like, ["Van Gogh"], ["art"], "last")
+    torch.testing.assert_close(erase, hidden[0, 2:3])
+    torch.testing.assert_close(guide, hidden[1, 1:2])
+    erase, guide = uce.erase_and_guide_keys(sd_like, ["Van Gogh"], ["art"], "tail")
+    assert erase.shape == guide.shape == (75, 768)
+    torch.testing.assert_close(erase, hidden[0, 2:77])
+    torch.testing.assert_close(guide, hidden[1, 1:76])
+    torch.testing.assert_close(erase[1], hidden[0, 3])  # the concept's end-of-text vector ...
+    torch.testing.assert_close(guide[1], hidden[1, 2])  # ... is paired with the guide's end-of-text vector
 
 
 def test_edit_prompts_pair_each_template():

@@ -34,7 +34,7 @@ TINY = {
             "--local_batch 1 --local_pool 4 --samples circle",
     "realera": "--iterations 2 --n_trajectories 1 --ddim_steps 2 --batch_size 2 --samples circle",
     "domain_correction": "--iterations 2 --warm_up 1 --batch_size 2 --n_anchor_images 3 --anchor_steps 2 --samples circle",
-    "sgrace": "--rounds 1 --attack_steps 1 --erase_steps 2 --samples 2 --latent_steps 3",
+    "sgrace": "--rounds 1 --attack_steps 1 --erase_steps 2 --adv_samples 2 --latent_steps 3 --samples circle",
     "evaluate": "--seeds 1 --far_seeds 0 --steps 2 --attack_timesteps 1 --attack_iterations 1 --soft_steps 2 --soft_checks 1",
 }
 
