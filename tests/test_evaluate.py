@@ -526,14 +526,14 @@ def test_clip_contrast_labels_keep_noise_from_counting_as_the_concept():
     """Review fix: --clip on a custom concept chose among one label, so every image -- noise too -- was the concept."""
     from PIL import Image
 
-    info = common.concept_info("snoopy", common.SD14)
+    info = common.concept_info("snoopy", common.SD14, kind="object")
     labels, texts = evaluate.clip_labels(info)
     assert labels[0] == "snoopy" and len(labels) > 1 and "random noise" in labels
     rng = np.random.default_rng(0)
     noise = [Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(4)]
     flat = [Image.new("RGB", (16, 16), (200, 180, 40)) for _ in range(2)]
-    items = [dict(suite="efficacy", prompt="snoopy", seed=i, guidance=None, kind="custom", target="snoopy") for i in range(6)]
-    classify, _, text = evaluate.sd_judge(evaluate.Args(concept="snoopy"), info, "cpu", clip=(FakeClip(), FakeProcessor()))
+    items = [dict(suite="efficacy", prompt="snoopy", seed=i, guidance=None, kind="object", target="snoopy") for i in range(6)]
+    classify, _, text = evaluate.sd_judge(evaluate.Args(concept="snoopy", kind="object"), info, "cpu", clip=(FakeClip(), FakeProcessor()))
     hits, _, verdicts = classify(noise + flat, items)
     assert hits == [False] * 4 + [True] * 2
     assert [v["label"] for v in verdicts[:4]] == ["random noise"] * 4 and "random noise" in text
