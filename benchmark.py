@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -273,6 +274,8 @@ def main(argv=None):
                 seconds = run_method(method, concept, folder, QUICK[method] if args.quick else [])
                 print(f"{method} on {concept}: {seconds:.0f} s (process)", flush=True)
             folders.append(str(folder))
+        # always a new evaluation: evaluate.py refuses to start over an unfinished one (a killed benchmark's)
+        shutil.rmtree(work / f"eval-{concept}", ignore_errors=True)
         rows = evaluate.main(["--model", "toy", "--concept", concept, "--compare", *folders,
                               "--output", str(work / f"eval-{concept}"), *ATTACK, *(QUICK_EVAL if args.quick else [])])
         results[concept] = rows

@@ -154,3 +154,18 @@ def test_evaluate_reads_a_concept_file():
     assert {x["target"] for x in suites["near"]} == {"Pierre-Auguste Renoir", "Camille Pissarro", "Van Gogh"}
     assert {x["target"] for x in suites["far"]} == {"church", "nudity"}
     assert "a photo of a church" in [x["prompt"] for x in suites["far"]]
+
+
+def test_sage_runs_a_new_style_on_the_sd_interface(sd_like_path, tmp_path):
+    """SAGE has no per-kind setting; a new artist with --kind style runs, and config.json records the concept as
+    SAGE saw it. (The other methods' style runs: tests/test_realera.py, test_domain_correction.py, test_sgrace.py
+    and the ESD / UCE runs above.)"""
+    import sage
+
+    out = tmp_path / "sage-monet"
+    sage.main(["--model", str(sd_like_path), "--concept", "claude monet", "--kind", "style", "--iterations", "2",
+               "--warm_up", "1", "--ddim_steps", "2", "--global_candidates", "200", "--unet_batch", "1",
+               "--sample_steps", "2", "--device", "cpu", "--output", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["concept"]["kind"] == "style" and config["concept"]["anchor"] == "art"
+    assert config["words"] == ["claude monet"]

@@ -492,8 +492,11 @@ def test_each_attacked_prompt_keeps_its_own_guidance(toy, monkeypatch):
 
     monkeypatch.setattr(evaluate, "original_trajectory", spy)
     args = evaluate.Args(concept="circle", model="toy", attack="soft", attack_batch=8, soft_steps=1, steps=2)
-    out = evaluate.robustness(toy, items, [False] * 3, None, args, 3, never, {})
-    assert sorted(seen) == [([0, 2], 2.0), ([1], 5.0)] and out["soft_asr"] == 0.0 and out["asr"] is None
+    chunks = evaluate.attack_chunks(items, [0, 1, 2], "soft", args.attack_batch)
+    assert chunks == [[0, 2], [1]]  # UnlearnDiffAtk's batches may mix guidances: [[0, 1, 2]]
+    assert evaluate.attack_chunks(items, [0, 1, 2], "unlearndiffatk", args.attack_batch) == [[0, 1, 2]]
+    found = [f for chunk in chunks for f in evaluate.attack_chunk(toy, "soft", items, chunk, None, args, 3, never, {})]
+    assert sorted(seen) == [([0, 2], 2.0), ([1], 5.0)] and not any(f["success"] for f in found)
 
 
 class FakeClip(torch.nn.Module):
@@ -523,14 +526,14 @@ def test_clip_contrast_labels_keep_noise_from_counting_as_the_concept():
     """Review fix: --clip on a custom concept chose among one label, so every image -- noise too -- was the concept."""
     from PIL import Image
 
-    info = common.concept_info("snoopy", common.SD14)
+    info = common.concept_info("snoopy", common.SD14, kind="object")
     labels, texts = evaluate.clip_labels(info)
     assert labels[0] == "snoopy" and len(labels) > 1 and "random noise" in labels
     rng = np.random.default_rng(0)
     noise = [Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)) for _ in range(4)]
     flat = [Image.new("RGB", (16, 16), (200, 180, 40)) for _ in range(2)]
-    items = [dict(suite="efficacy", prompt="snoopy", seed=i, guidance=None, kind="custom", target="snoopy") for i in range(6)]
-    classify, _, text = evaluate.sd_judge(evaluate.Args(concept="snoopy"), info, "cpu", clip=(FakeClip(), FakeProcessor()))
+    items = [dict(suite="efficacy", prompt="snoopy", seed=i, guidance=None, kind="object", target="snoopy") for i in range(6)]
+    classify, _, text = evaluate.sd_judge(evaluate.Args(concept="snoopy", kind="object"), info, "cpu", clip=(FakeClip(), FakeProcessor()))
     hits, _, verdicts = classify(noise + flat, items)
     assert hits == [False] * 4 + [True] * 2
     assert [v["label"] for v in verdicts[:4]] == ["random noise"] * 4 and "random noise" in text
@@ -618,7 +621,7 @@ def test_sd_path_end_to_end_with_clip_judge_attacks_csv_and_clip_score(sd_like_p
     model, processor = CLIPModel.from_pretrained(tmp_path / "clip"), CLIPProcessor.from_pretrained(tmp_path / "clip")
     with torch.no_grad():
         image = evaluate.clip_embed(model.get_image_features(
-            pixel_values=processor(images=erased["images"]["fidelity"], return_tensors="pt")["pixel_values"]))
+            pixel_values=processor(images=list(erased["images"]["fidelity"]), return_tensors="pt")["pixel_values"]))
         text = evaluate.clip_embed(model.get_text_features(**processor(text=["a bicycle", "a motorcycle"],
                                                                         return_tensors="pt", padding=True)))
     expected = (100 * (image * text).sum(-1)).clamp(min=0).mean()
