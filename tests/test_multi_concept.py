@@ -182,3 +182,44 @@ def test_each_method_erases_two_concepts(name, tmp_path):
     run(METHODS[name], ["--model", "toy", "--concept", "circle", *tiny, "--output", str(tmp_path / "one")])
     both, one = weights(tmp_path / "set"), weights(tmp_path / "one")
     assert both and any(not torch.equal(both[k], one[k]) for k in both if k in one)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py on a set
+# ---------------------------------------------------------------------------------------------
+def test_set_tables_flag_a_concept_left_un_erased():
+    """The not-erased rule by hand: circle 90 % vs original 100 % (margin 20: above 80, flagged), red 10 % vs
+    90 % (erased)."""
+    import evaluate
+
+    def rows(original, set_rate, alone):
+        return [dict(name="original", efficacy=original), dict(name="uce (set)", efficacy=set_rate, far=95.0),
+                *[dict(name=f"uce ({a})", efficacy=a_rate) for a, a_rate in alone]]
+
+    results = {"circle": rows(100.0, 90.0, [("circle", 5.0), ("red", 100.0)]),
+               "red": rows(90.0, 10.0, [("circle", 85.0), ("red", 0.0)])}
+    lines, flags, per_concept = evaluate.set_tables(results, 1, ["circle", "red"], 20.0)
+    assert flags == [dict(concept="circle", model="uce (set)", rate=90.0, original=100.0)]
+    assert [r["concept"] for r in per_concept] == ["circle", "red"] and per_concept[0]["far"] == 95.0
+    assert any(line.startswith("**NOT ERASED: circle") for line in lines)
+    assert "| circle | 100 | 90 | 5 | 100 |" in lines and "| red | 90 | 10 | 85 | 0 |" in lines
+
+
+def test_evaluate_a_set_end_to_end(tmp_path):
+    """Two concepts erased by UCE together, and each alone: one evaluation per concept (the other member left out
+    of specificity), report.md with the per-concept rows and the cross-concept table."""
+    import evaluate
+
+    run(uce, ["--model", "toy", "--concept", "circle", "--concept", "red", "--samples", "x", "--output", str(tmp_path / "set")])
+    for c in ("circle", "red"):
+        run(uce, ["--model", "toy", "--concept", c, "--samples", "x", "--output", str(tmp_path / c)])
+    tiny = "--seeds 1 --far_seeds 1 --steps 2 --attack none".split()
+    results = evaluate.main(["--model", "toy", "--concept", "circle", "--concept", "red", "--erased", str(tmp_path / "set"),
+                             "--alone", str(tmp_path / "circle"), str(tmp_path / "red"), *tiny, "--device", "cpu",
+                             "--output", str(tmp_path / "eval")])
+    assert list(results) == ["circle", "red"] and all(len(rows) == 4 for rows in results.values())
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Cross-concept table" in report and "| circle | " in report and "red alone" in report
+    far = json.loads((tmp_path / "eval" / "circle" / "metrics.json").read_text())["prompts"]["far"]
+    assert far and not any("red" in item["prompt"].split() for item in far)  # red is erased too: not a far concept
+    assert json.loads((tmp_path / "eval" / "set_metrics.json").read_text())["concepts"] == ["circle", "red"]
