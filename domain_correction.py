@@ -564,12 +564,12 @@ def main(argv=None):
 
     # one anchor domain per concept (its own anchor, captions and images; cached in anchor_images/<concept>/)
     domains, caches = [], {}
-    for i, concept_settings_ in zip(infos, settings_of):
-        captions = load_anchor_captions(args, i, concept_settings_, rng)
+    for i, own_settings in zip(infos, settings_of):
+        captions = load_anchor_captions(args, i, own_settings, rng)
         cache = "anchor_images" if len(infos) == 1 else f"anchor_images/{i['name'].replace(' ', '_')}"
         with common.phase(profile, "anchor_images", pipe.device):
             image_captions, images, meta, z0_mean, z0_std = anchor_domain(pipe, args, captions, out, cache)
-        domains.append(dict(settings=concept_settings_, image_captions=image_captions, z0_mean=z0_mean, z0_std=z0_std))
+        domains.append(dict(settings=own_settings, image_captions=image_captions, z0_mean=z0_mean, z0_std=z0_std))
         caches[cache] = (images, meta)
     unet = train(args, pipe, domains, rng, profile)
     seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
