@@ -82,6 +82,10 @@ class Args:
     """'no', 'fp16' or 'bf16': frozen copies and forward passes in half precision, the trained U-Net and its
     Adam state in fp32 (diffusers' training examples). ESD-u trains all 860 M U-Net weights with Adam: 14 GB of
     weights, gradients and Adam state in fp32 whatever this flag says (docs/esd.md)"""
+    optimizer_in_backward: bool = False
+    """step each parameter's Adam as soon as its gradient is ready and free that gradient, so the U-Net's
+    gradients never all exist at once (3.4 GB less for ESD-u at SD size; the same update, docs/esd.md). Not with
+    --mixed_precision fp16, whose loss scaling needs every gradient first"""
     gradient_checkpointing: bool = False
     """recompute the trained U-Net's activations in the backward pass instead of storing them (less memory,
     ~30 % more time per step; same gradients)"""
@@ -154,6 +158,23 @@ def sample_until_pndm(pipe, cond, uncond, seeds: list[int], steps: int, stop: in
     return latents, int(scheduler.timesteps[stop])
 
 
+def adam_in_backward(params: list, lr: float) -> list:
+    """One Adam per parameter, stepped by a hook the moment that parameter's gradient has been accumulated in
+    the backward pass, which then frees the gradient (PyTorch's "optimizer step in backward" recipe,
+    Tensor.register_post_accumulate_grad_hook). Adam is element-wise, so this is the same update as one Adam
+    over all of `params`; what it cannot do is anything that needs every gradient first (clipping by the global
+    norm, fp16 loss scaling). Returns the optimizers (for common.release)."""
+    optimizers = {p: torch.optim.Adam([p], lr=lr) for p in params}
+
+    def step(p):
+        optimizers[p].step()
+        optimizers[p].zero_grad(set_to_none=True)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(step)
+    return list(optimizers.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # The target and the loss
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +199,9 @@ def default_train_method(info: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    if args.optimizer_in_backward and args.mixed_precision == "fp16":
+        common.die("--optimizer_in_backward cannot be used with --mixed_precision fp16, whose loss scaling needs "
+                   "every gradient before any step; use --mixed_precision bf16 or leave one of the two out.")
     infos = common.concept_set(args)  # one concept, or several erased together
     common.several_concepts(infos, args)
     info = infos[0]
@@ -206,7 +230,7 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr)
+    optimizers = adam_in_backward(params, args.lr) if args.optimizer_in_backward else [torch.optim.Adam(params, lr=args.lr)]
     n = args.batch_size
 
     bar = tqdm(range(args.iterations), desc=f"ESD-{train_method}")
@@ -227,13 +251,16 @@ def main(argv=None):
                 loss = esd_loss(unet(x_t, t, encoder_hidden_states=concept_emb).sample, eps_target)
             if not torch.isfinite(loss):
                 common.die(f"the loss became NaN at step {step}; nothing was written. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if args.optimizer_in_backward:
+                loss.backward()  # each parameter's Adam steps inside (adam_in_backward)
+            else:
+                optimizers[0].zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizers[0])
+                scaler.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", t=t, word=word)
 
-    common.release(optimizer)
+    common.release(*optimizers)
     unet.eval()
     seconds = time.time() - start  # the erasure itself, not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in

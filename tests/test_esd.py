@@ -150,3 +150,35 @@ def test_sd_interface_one_iteration(sd_like_path, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["train_method"] == "noxattn" and config["args"]["lr"] == 1e-5
     assert config["args"]["negative_guidance"] == 1.0 and config["args"]["start_guidance"] == 3.0
+
+
+def test_adam_in_backward_is_the_same_update(sd_like):
+    """Three ESD-u steps with one Adam per parameter stepped inside the backward pass give the same weights as one
+    Adam over all parameters (oracle: the plain loop), and no gradient is left behind."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context, target = common.encode(sd_like, ["a church", "a tree"]), torch.randn(2, 4, 8, 8)
+    trained = []
+    for fused in (False, True):
+        unet = common.trainable_copy(sd_like.unet, esd.esd_parameter_group("noxattn"))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizers = esd.adam_in_backward(params, 1e-3) if fused else [torch.optim.Adam(params, lr=1e-3)]
+        before = [p.detach().clone() for p in params]
+        for _ in range(3):
+            loss = esd.esd_loss(unet(z, 500, encoder_hidden_states=context).sample, target)
+            if not fused:
+                optimizers[0].zero_grad(set_to_none=True)
+            loss.backward()
+            if not fused:
+                optimizers[0].step()
+        assert not fused or all(p.grad is None for p in params)
+        trained.append([p.detach().clone() for p in params])
+    for plain, fused in zip(*trained):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+    assert sum(not torch.equal(p, q) for p, q in zip(trained[1], before)) > len(before) // 2  # training moved them
+
+
+def test_optimizer_in_backward_refuses_fp16(capsys):
+    with pytest.raises(SystemExit) as exc:
+        esd.main(["--model", "toy", "--concept", "circle", "--optimizer_in_backward", "--mixed_precision", "fp16",
+                  "--device", "cpu"])
+    assert exc.value.code == 2
