@@ -164,7 +164,11 @@ def check_args(args, limits: dict | None = None):
         if len(set(names)) < len(names):
             twice = next(n for n in names if names.count(n) > 1)
             die(f"--concept '{twice}' is given twice; name each concept once.")
-    if values.get("kind") is not None and values["kind"] not in KINDS:
+    if isinstance(values.get("kind"), str):
+        args.kind = values["kind"] = values["kind"].strip().lower()
+    if values.get("kind") == "colour" and values.get("model") == "toy":
+        pass  # the miniature world's colours: concept_info checks it against the world
+    elif values.get("kind") is not None and values["kind"] not in KINDS:
         die(f"--kind must be one of {', '.join(KINDS)}, not '{values['kind']}'.")
     if values.get("concept_file"):
         read_concept_files(values["concept_file"])
@@ -395,35 +399,50 @@ CONCEPT_KEYS = dict(
     preserve="RealEra's real irrelevant prompts (beyond-concept regularisation)")
 
 
-def read_concept_files(path) -> list[dict]:
+def read_concept_files(path, label: str | None = None) -> list[dict]:
     """The concepts of a concept file, checked and completed (concept_entry): one JSON object describes one
     concept, a JSON list of such objects describes a set erased together (docs/concepts.md). Bad content stops
     with one sentence naming the file, the entry and the key (common.die)."""
     path = Path(path)
+    label = label or f"--concept_file {path}"  # how a refusal names the file
+
+    def no_repeats(pairs):  # a key given twice would silently keep the last one
+        keys = [k for k, _ in pairs]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated:
+            die(f"{label} gives the key '{repeated}' twice in one concept; give it once.")
+        return dict(pairs)
+
+    if path.is_dir():
+        die(f"{label} is a folder; pass one JSON file (e.g. concepts/nudity.json).")
     try:
-        content = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
     except OSError:
-        die(f"--concept_file {path}: no such file.")
+        die(f"{label}: no such file.")
+    except UnicodeDecodeError:
+        die(f"{label} is not UTF-8 text; save it as UTF-8 JSON.")
+    try:
+        content = json.loads(text, object_pairs_hook=no_repeats)
     except ValueError as error:
-        die(f"--concept_file {path} is not valid JSON ({error}).")
+        die(f"{label} is not valid JSON ({error}).")
     if isinstance(content, dict):
-        return [concept_entry(content, str(path))]
+        return [concept_entry(content, label)]
     if not isinstance(content, list) or not content:
-        die(f"--concept_file {path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}, "
+        die(f"{label} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}, "
             f"or a non-empty list of them (several concepts erased together).")
-    entries = [concept_entry(entry, f"{path} (entry {i + 1})") for i, entry in enumerate(content)]
+    entries = [concept_entry(entry, f"{label} (entry {i + 1})") for i, entry in enumerate(content)]
     names = [e["name"] for e in entries]
     if len(set(names)) < len(names):
-        die(f"--concept_file {path} names '{next(n for n in names if names.count(n) > 1)}' twice; name each concept once.")
+        die(f"{label} names '{next(n for n in names if names.count(n) > 1)}' twice; name each concept once.")
     return entries
 
 
-def read_concept_file(path) -> dict:
+def read_concept_file(path, label: str | None = None) -> dict:
     """A concept file describing one concept (read_concept_files), checked and completed. A file holding a list
     of several concepts stops with one sentence (common.die)."""
-    entries = read_concept_files(path)
+    entries = read_concept_files(path, label)
     if len(entries) > 1:
-        die(f"--concept_file {path} holds {len(entries)} concepts; this needs one.")
+        die(f"{label or path} holds {len(entries)} concepts; this needs one.")
     return entries[0]
 
 
@@ -432,25 +451,34 @@ def concept_entry(entry, path: str) -> dict:
     present, filled from the kind's defaults (KIND_ANCHORS, KIND_TEMPLATES). `path` names it in a refusal
     (one sentence, common.die)."""
     if not isinstance(entry, dict):
-        die(f"--concept_file {path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}.")
+        die(f"{path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}.")
     unknown = [k for k in entry if k not in CONCEPT_KEYS]
     if unknown:
-        die(f"--concept_file {path}: unknown key '{unknown[0]}'; a concept file may have {', '.join(CONCEPT_KEYS)}.")
+        die(f"{path}: unknown key '{unknown[0]}'; a concept file may have {', '.join(CONCEPT_KEYS)}.")
     for key in ("name", "kind", "words"):
         if not entry.get(key):
-            die(f"--concept_file {path} needs '{key}' ({CONCEPT_KEYS[key]}).")
+            die(f"{path} needs '{key}' ({CONCEPT_KEYS[key]}).")
     if entry["kind"] not in KINDS:
-        die(f"--concept_file {path}: 'kind' must be one of {', '.join(KINDS)}, not '{entry['kind']}'.")
+        die(f"{path}: 'kind' must be one of {', '.join(KINDS)}, not '{entry['kind']}'.")
+    methods = ("esd", "uce", "sage", "realera", "domain_correction", "sgrace")
+    unknown = [m for m in entry.get("anchors", {}) if m not in methods] if isinstance(entry.get("anchors"), dict) else []
+    if unknown:
+        die(f"{path}: 'anchors' names '{unknown[0]}', which is not a method; use {', '.join(methods)}.")
     for key, value in entry.items():
         text_list = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
         if key in ("name", "kind", "about", "anchor") and not isinstance(value, str):
-            die(f"--concept_file {path}: '{key}' must be a text.")
+            die(f"{path}: '{key}' must be a text.")
         if key == "anchors" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
-            die(f"--concept_file {path}: 'anchors' must map method names to anchor texts.")
+            die(f"{path}: 'anchors' must map method names to anchor texts.")
         if key not in ("name", "kind", "about", "anchor", "anchors") and not text_list:
-            die(f"--concept_file {path}: '{key}' must be a list of non-empty texts.")
+            die(f"{path}: '{key}' must be a list of non-empty texts.")
+        if key in ("related", "unrelated", "preserve") and not value:
+            die(f"{path}: '{key}' is an empty list; leave the key out to use the method's own.")
     if "templates" in entry and not all(t.count("{}") == 1 for t in entry["templates"]):
-        die(f"--concept_file {path}: every template needs exactly one '{{}}' where the word goes.")
+        die(f"{path}: every template needs exactly one '{{}}' where the word goes.")
+    if "templates" in entry and len(entry["templates"]) < 2:
+        die(f"{path}: give at least two templates (the methods' samples.png fills the second), or "
+            f"leave 'templates' out to take the kind's.")
     check_concept(entry["name"])
     kind = entry["kind"]
     return dict(name=entry["name"].strip().lower(), kind=kind, words=list(entry["words"]),
@@ -461,8 +489,10 @@ def concept_entry(entry, path: str) -> dict:
 
 
 def builtin_concepts() -> dict:
-    """{name: completed entry} for the concept files in concepts/ (SD v1.4's built-in concepts)."""
-    entries = [read_concept_file(p) for p in sorted(CONCEPTS_DIR.glob("*.json"))]
+    """{name: completed entry} for the concept files in concepts/ (SD v1.4's built-in concepts). A broken file
+    there stops with one sentence naming it (it was edited by hand: the flag a user passed is not to blame)."""
+    entries = [read_concept_file(p, label=f"the built-in concept file {p.relative_to(HERE)}")
+               for p in sorted(CONCEPTS_DIR.glob("*.json"))]
     return {e["name"]: e for e in entries}
 
 

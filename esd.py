@@ -54,8 +54,9 @@ class Args:
     (the paper: xattn for styles and the miniature world's colours, noxattn for objects and nudity)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """prompts that name the concept, one drawn per iteration (default: the concept table's words)"""
-    anchor: str = ""
-    """anchor prompt c_a of Eq. 2 (paper and official code: '' = the unconditional prediction)"""
+    anchor: str | None = None
+    """anchor prompt c_a of Eq. 2 (default: a concept file's "esd" anchor, else as the paper and official code
+    '' = the unconditional prediction)"""
     negative_guidance: float = 1.0
     """eta of Eq. 2 (paper: 1; the new official code's 2 means the same target, see docs/esd.md)"""
     iterations: int = 1000
@@ -70,7 +71,7 @@ class Args:
     """g of Eq. 1, the guidance used to sample x_t (official: 3)"""
     sampler: str = "ddim"
     """the sampler that makes x_t (Eq. 1): 'ddim' (the paper's DDIM, eta 0) or 'pndm' (the new official script:
-    SD v1.4's own scheduler, PNDM; its t is 20 later than DDIM's from the third step on, docs/esd.md)"""
+    SD v1.4's own scheduler, PNDM; from the third step on its t is 20 higher -- noisier -- than DDIM's, docs/esd.md)"""
     sample_from_trained: bool = False
     """sample x_t with the model being trained, as the paper-era code did (default, as the new code and the
     paper's text: the frozen original)"""
@@ -209,6 +210,7 @@ def main(argv=None):
     # Several concepts: as the paper-era train-esd.py with --seperator ',' (one of the words drawn per iteration),
     # a concept is drawn per iteration, then one of its words. One parameter group is trained for all of them.
     words_of = {i["name"]: args.words or i["words"] for i in infos}
+    anchor_of = {i["name"]: args.anchor if args.anchor is not None else i["anchors"].get("esd", "") for i in infos}
     methods = {default_train_method(i) for i in infos}
     if args.train_method is None and len(methods) > 1:
         kinds = ", ".join(f"{i['name']}: {i['kind']}, {default_train_method(i)}" for i in infos)
@@ -224,7 +226,8 @@ def main(argv=None):
 
     with common.phase(profile, "caching", pipe.device), torch.no_grad():
         word_emb = {w: common.encode(pipe, [w]) for ws in words_of.values() for w in ws}  # [1, L, D] each
-        uncond_emb, anchor_emb = common.encode(pipe, [""]), common.encode(pipe, [args.anchor])
+        uncond_emb = common.encode(pipe, [""])
+        anchor_emb = {a: common.encode(pipe, [a]) for a in set(anchor_of.values())}
     unet = common.trainable_copy(pipe.unet, esd_parameter_group(train_method, pipe.unet))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -233,10 +236,11 @@ def main(argv=None):
     optimizers = adam_in_backward(params, args.lr) if args.optimizer_in_backward else [torch.optim.Adam(params, lr=args.lr)]
     n = args.batch_size
 
-    bar = tqdm(range(args.iterations), desc=f"ESD-{train_method}")
+    bar = tqdm(range(args.iterations), desc=train_method if train_method.startswith("esd-") else f"ESD-{train_method}")
     with common.phase(profile, "training", pipe.device):
         for step in common.timed(bar, profile, pipe.device):
-            word = rng.choice(words if len(infos) == 1 else words_of[rng.choice(infos)["name"]])
+            concept = info if len(infos) == 1 else rng.choice(infos)
+            word = rng.choice(words if len(infos) == 1 else words_of[concept["name"]])
             concept_emb = word_emb[word].expand(n, -1, -1)
             stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
             seeds = [rng.randrange(2**31) for _ in range(n)]
@@ -245,7 +249,8 @@ def main(argv=None):
                 x_t, t = sample_until(pipe, concept_emb, uncond_emb.expand(n, -1, -1), seeds, args.ddim_steps,
                                       stop, args.start_guidance, unet=unet if args.sample_from_trained else None)
                 eps_concept = pipe.unet(x_t, t, encoder_hidden_states=concept_emb).sample
-                eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor_emb.expand(n, -1, -1)).sample
+                anchor = anchor_emb[anchor_of[concept["name"]]].expand(n, -1, -1)
+                eps_anchor = pipe.unet(x_t, t, encoder_hidden_states=anchor).sample
                 eps_target = esd_target(eps_anchor, eps_concept, args.negative_guidance)
             with common.autocast(pipe):
                 loss = esd_loss(unet(x_t, t, encoder_hidden_states=concept_emb).sample, eps_target)
@@ -265,7 +270,7 @@ def main(argv=None):
     seconds = time.time() - start  # the erasure itself, not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
-        [info["templates"][1].format(args.anchor)] if args.anchor.strip() else [])
+        [info["templates"][1].format(anchor_of[info["name"]])] if anchor_of[info["name"]].strip() else [])
     if len(infos) > 1 and not args.samples:  # one picture per erased concept
         sample_prompts = [i["templates"][1].format(words_of[i["name"]][0]) for i in infos]
         words = words_of  # config.json: each concept's words
@@ -274,8 +279,10 @@ def main(argv=None):
     tensors = common.changed_tensors("unet", unet, pipe.unet)
     saved = common.save_erased(out, tensors, "esd", args, pipe, seconds, samples,
                                extra=dict(train_method=train_method, words=words, trained_tensors=len(params),
+                                          anchor=anchor_of if len(infos) > 1 else anchor_of[info["name"]],
                                           peak_memory_mb=common.profile_peak(profile), profile=profile))
-    print(f"wrote {saved} (ESD-{train_method}, {len(tensors)} of {len(params)} trained tensors changed)")
+    variant = train_method if train_method.startswith("esd-") else f"ESD-{train_method}"
+    print(f"wrote {saved} ({variant}, {len(tensors)} of {len(params)} trained tensors changed)")
 
 
 if __name__ == "__main__":

@@ -161,11 +161,11 @@ def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: t
 # main: one closed-form solve per attn2.to_k / attn2.to_v
 # ---------------------------------------------------------------------------------------------
 def concept_prompts(args, info: dict) -> tuple[list[str], str, list[str], list[str]]:
-    """One concept's words, guide, and erase / guide prompts (edit_prompts), from its kind's KIND_DEFAULTS row
-    unless --words, --guide say otherwise."""
+    """One concept's words, guide, and erase / guide prompts (edit_prompts): --words, --guide if given, else the
+    concept file's words and its "uce" anchor, else its kind's KIND_DEFAULTS row."""
     words = args.words or info["words"]
     defaults = KIND_DEFAULTS[info["kind"]]
-    guide = args.guide if args.guide is not None else defaults["guide"]
+    guide = args.guide if args.guide is not None else info["anchors"].get("uce", defaults["guide"])
     templates = []
     if args.expand:
         templates = [t for t in info["templates"] if t != "{}"] if args.model == "toy" else \

@@ -169,3 +169,41 @@ def test_sage_runs_a_new_style_on_the_sd_interface(sd_like_path, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["concept"]["kind"] == "style" and config["concept"]["anchor"] == "art"
     assert config["words"] == ["claude monet"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"name": "x", "kind": "style", "words": ["x"], "templates": ["a {}"]}', "at least two templates"),
+    ('{"name": "x", "kind": "style", "words": ["x"], "related": []}', "'related' is an empty list"),
+    ('{"name": "x", "kind": "style", "words": ["x"], "anchors": {"uec": "y"}}', "'uec', which is not a method"),
+    ('{"name": "x", "kind": "style", "words": ["x"], "words": ["y"]}', "gives the key 'words' twice"),
+])
+def test_more_bad_files(tmp_path, capsys, content, expected):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    assert expected in refused(capsys, lambda: common.read_concept_file(path))
+
+
+def test_a_folder_or_non_utf8_file_is_named_as_such(tmp_path, capsys):
+    assert "is a folder" in refused(capsys, lambda: common.read_concept_file(tmp_path))
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"name": "caf\xe9", "kind": "object", "words": ["x"]}'.encode("latin-1"))
+    assert "not UTF-8" in refused(capsys, lambda: common.read_concept_file(path))
+
+
+def test_kind_is_case_insensitive_and_colour_is_a_toy_kind(capsys):
+    args = common.parse_args(uce.Args, ["--model", "toy", "--concept", "red", "--kind", "Colour"])
+    assert args.kind == "colour"
+    assert "must be one of object, style, nudity" in refused(
+        capsys, lambda: common.parse_args(uce.Args, ["--concept", "red", "--kind", "colour"]))
+
+
+def test_esd_and_uce_read_their_own_anchor_from_the_file(tmp_path):
+    """The file's 'anchors' entry for esd / uce replaces the paper's target; the plain 'anchor' does not."""
+    path = tmp_path / "teddy.json"
+    path.write_text(json.dumps({"name": "teddy", "kind": "object", "words": ["teddy bear"], "anchor": "a toy",
+                                "anchors": {"uce": "a doll"}}))
+    info = common.concept_info(None, common.SD14, concept_file=str(path))
+    args = common.parse_args(uce.Args, ["--concept_file", str(path)])
+    assert uce.concept_prompts(args, info)[1] == "a doll"
+    plain = dict(info, anchors={})
+    assert uce.concept_prompts(args, plain)[1] == ""  # the kind's guide, not the file's 'anchor'
