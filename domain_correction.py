@@ -134,8 +134,10 @@ class Args:
     max_grad_norm: float = 1.0
     """global gradient-norm clip of the U-Net update (official HEAD: 1; the first official release clipped nothing)"""
     sot_gradient: bool = False
-    """let the start-of-text token's key and value pass gradient to attn2.to_k/to_v (this project's behaviour
-    before issue 16). Default, as the official attention processor: they carry none (the paper is silent)"""
+    """also learn from the start-of-text token: let the gradient flow through its key and value (the first
+    context position of every attn2.to_k / attn2.to_v output) as through every other token's. Off by default, as
+    in the official code, whose attention processor stops that gradient (the forward pass is the same either
+    way); the paper does not say which to do"""
     unet_batch: int = 4
     """U-Net rows per forward/backward chunk of the forget and retain batches; gradients are accumulated
     over chunks, so this changes memory, not the result (4 fits SD v1.4 on a 24 GB GPU; official: all 8 at once,

@@ -197,13 +197,55 @@ def kind_settings(args, info: dict) -> dict:
                 iterations=row["iterations"] if args.iterations is None else args.iterations)
 
 
+ARTICLES = ("a", "an", "the")
+
+
+def without_article(text: str) -> str:
+    """`text` without a leading article: 'a toy' -> 'toy', 'the Louvre' -> 'Louvre', 'art' -> 'art'."""
+    first, _, rest = text.strip().partition(" ")
+    return rest.strip() if first.lower() in ARTICLES and rest.strip() else text.strip()
+
+
+def is_phrase(anchor: str) -> bool:
+    """A whole-phrase anchor: several words once a leading article is dropped ('a person wearing clothes'),
+    which names a whole subject; 'a toy', 'building' and 'art' are one word and stand where a word stands."""
+    return len(without_article(anchor).split()) > 1
+
+
+def fits(template: str, anchor: str) -> bool:
+    """Whether the anchor reads well in the template: a one-word anchor fills any slot, as the concept's own
+    word does; a whole-phrase anchor only a slot that ends its phrase ('a photo of {}', '{}, oil painting'),
+    not one whose next word it would have to modify ('{} person on a beach': 'a person wearing clothes person
+    on a beach')."""
+    after = template.split("{}", 1)[1].lstrip()
+    return not is_phrase(anchor) or after == "" or after[0] in ",.;:!?"
+
+
+def anchor_prompt(template: str, anchor: str) -> str:
+    """The template holding the anchor, spaces normalised ('a photo of ' -> 'a photo of'). When the template
+    already puts an article before '{}', the anchor's own article is dropped, as DoCo drops it: 'a photo of a {}'
+    with 'a toy' -> 'a photo of a toy', not 'a photo of a a toy'. The template's article is the one kept, so the
+    anchor prompt shares its prefix with the concept prompts (which token_pairs pairs position by position)."""
+    before = template.split("{}", 1)[0].split()
+    if before and before[-1].lower() in ARTICLES:
+        anchor = without_article(anchor)
+    return " ".join(template.format(anchor).split())
+
+
 def concept_and_anchor_prompts(words: list[str], anchor: str, templates: list[str]) -> tuple[list[str], list[str]]:
-    """Each word in each template, paired with the same template holding the anchor."""
+    """Each word in each template the anchor fits (`fits`), paired with the same template holding the anchor
+    (`anchor_prompt`). For nudity's 'a person wearing clothes' the template '{} person on a beach' is left out;
+    a one-word anchor keeps every template. Stops with one sentence when the anchor fits no template."""
+    usable = [t for t in templates if fits(t, anchor)]
+    if not usable:
+        common.die(f"the anchor '{anchor}' is a whole phrase, which reads well only in a template ending in '{{}}' "
+                   f"(such as 'a photo of {{}}'), and no template is one; add one with --templates or pass a "
+                   f"one-word --anchor.")
     concept, paired = [], []
-    for template in templates:
+    for template in usable:
         for word in words:
             concept.append(template.format(word))
-            paired.append(" ".join(template.format(anchor).split()))  # 'a photo of ' -> 'a photo of'
+            paired.append(anchor_prompt(template, anchor))
     return concept, paired
 
 
@@ -214,6 +256,13 @@ def builtin_preserve_prompts(info: dict, model: str, templates: list[str]) -> li
     if model != "toy":
         return list(info.get("preserve") or SD_PRESERVE)
     return [t.format(c) for c in info["others"] if c not in info["near"] for t in templates]
+
+
+def sample_anchor_prompt(templates: list[str], anchor: str) -> str:
+    """samples.png's anchor prompt: the second template (the concept words' sample template) holding the
+    anchor, else the first template it fits, else the bare anchor."""
+    template = next((t for t in [templates[1], *templates] if fits(t, anchor)), "{}")
+    return anchor_prompt(template, anchor)
 
 
 @torch.no_grad()
@@ -273,8 +322,9 @@ def token_pairs(concept_ids: list[int], anchor_ids: list[int], length: int, span
     first end-of-text token, without padding. Pairs, in order:
       - the shared prefix (start token, template words before the concept), position to same position;
       - the shared suffix (template words after the concept, end-of-text), counted from the end;
-      - the padding after end-of-text, by distance from it, until either prompt reaches `length` (the longer
-        prompt's last padding positions stay unpaired);
+      - the padding after end-of-text, by distance from it, until the prompt with more tokens reaches `length`:
+        the shorter prompt's last positions stay unpaired (as MACE's; "a photo of nudity", 7 tokens, against "a
+        photo of a person wearing clothes", 9: concept positions 7-74 pair with anchor 9-76, and 75-76 stay out);
       - the differing middle, the concept's span and the anchor's span: span_pairing 'same_length' pairs them
         position by position when they have as many tokens and leaves them out otherwise, as MACE always does
         ('none'); 'last' also pairs the two last tokens of spans of different lengths (UCE's last-token rule).
@@ -566,7 +616,7 @@ def main(argv=None):
     seconds = time.time() - start
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
-        [" ".join(info["templates"][1].format(anchor).split())] if anchor.strip() else [])
+        [sample_anchor_prompt(info["templates"], anchor)] if anchor.strip() else [])
     if len(infos) > 1:
         stats.update(concepts_settings={i["name"]: s for i, s in zip(infos, settings_of)})  # each concept's anchor and row
         sample_prompts = args.samples or [i["templates"][1].format(i["words"][0]) for i in infos]

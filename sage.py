@@ -226,7 +226,9 @@ def vocabulary_words(tokenizer) -> list[str]:
     ('church', not 'church</w>'), once each, if it is ASCII letters only; special tokens left out. With CLIP's
     BPE an entry ends a word when it carries the '</w>' suffix; with a word-level tokenizer (the miniature
     model) every entry is a word. A word-final entry is not always a word of its own: 'dity</w>' is the end of
-    'nudity' (nu + dity). irrelevant_concepts removes the pieces of the concept's own words."""
+    'nudity' (nu + dity), 'asts</w>' of longer words. irrelevant_concepts removes the pieces of the concept's own
+    words; the other endings stay, as no offline test tells them from words (each encodes alone to its one token,
+    as a word does)."""
     vocab = tokenizer.get_vocab()
     tokens = [t for t in sorted(vocab, key=vocab.get) if t not in set(tokenizer.all_special_tokens)]
     bpe = any(t.endswith("</w>") for t in tokens)

@@ -58,17 +58,19 @@ class Args:
     """erased-model folder (default: outputs/sgrace-<concept>)"""
     related: str | None = None
     """text file of words related to the concept, one per line (R; default: the concept file's 'related', the
-    built-in list, else the nearest whole vocabulary words)"""
+    built-in list, else the nearest word-final vocabulary tokens)"""
     unrelated: str | None = None
     """text file of words that co-occur with the concept but are unrelated to it, one per line (U, the anchors;
-    default: the concept file's 'unrelated', the built-in list, else the farthest whole vocabulary words)"""
+    default: the concept file's 'unrelated', the built-in list, else the farthest word-final vocabulary tokens)"""
     fallback_words: int = 50
-    """how many nearest / farthest whole vocabulary words make R / U when no list is known (official LLM lists: 50)"""
+    """how many nearest / farthest word-final vocabulary tokens make R / U when no list is known (official LLM
+    lists: 50)"""
     projection: str = "auto"
     """CLIP text projection W: a CLIP model (hub id or path) whose text_projection is used, or 'none' for
     the identity; 'auto' = openai/clip-vit-large-patch14 for SD, identity for toy"""
     prompt: str | None = None
-    """prompt of the few-shot latent (default as official: 'a photo of c' objects, 'a picture of c' styles, c for nudity)"""
+    """prompt of the few-shot latent (default as official: 'a photo of c' objects, 'a picture of c' styles, c for
+    nudity; c is the concept's first word)"""
     rounds: int = 4
     """attack-then-erase rounds (official training_rounds: 4)"""
     adv_samples: int = 8
@@ -127,7 +129,8 @@ class Args:
     unet_batch: int = 4
     """adversarial samples per U-Net call in the attack (memory only; official: 4)"""
     samples: list[str] = dataclasses.field(default_factory=list)
-    """prompts for samples.png (default: a concept word, a held-out word, a near concept)"""
+    """prompts for samples.png (default: a concept word, a held-out word, a near concept); the number of
+    adversarial samples K is --adv_samples"""
     sample_steps: int | None = None
     """DDIM steps of samples.png (default: the sampler's, 25 toy / 50 SD)"""
     mixed_precision: str = "no"
@@ -158,6 +161,9 @@ SETTINGS = {
 # objects (and the miniature world's objects and colours, whose TOY_DEFAULTS override it anyway), van gogh for
 # styles (the paper's style benchmark; picasso.yml is the other style config), nudity for nudity.
 KIND_ROWS = {"object": "church", "style": "van gogh", "nudity": "nudity", "colour": "church"}
+# The kind of latent prompt (SETTINGS' first column) a concept of each kind has: a concept's own SETTINGS row is
+# used only when it agrees, so --kind (or a concept file's kind) beats the row its name would pick.
+PROMPT_KINDS = {"object": "object", "style": "style", "nudity": "harmful", "colour": "object"}
 ANCHOR_TEMPLATES = ["a photo of {}", "a picture of {}", "a image of {}"]  # official, chosen at random per anchor
 
 # --model toy: sized for ~1-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
@@ -180,17 +186,23 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
 # The concept: settings, word lists (R, U), feature f_c
 # ---------------------------------------------------------------------------------------------
 def concept_settings(args, info: dict) -> dict:
-    """The concept's row of SETTINGS, else its kind's (KIND_ROWS), under explicit flags. 'row' names the row
-    used and 'kind' the kind of latent prompt (harmful, style, object). Stops with one sentence for a kind
-    without a row."""
-    row = info["name"] if info["name"] in SETTINGS else KIND_ROWS.get(info["kind"])
+    """The concept's row of SETTINGS, else its kind's (KIND_ROWS), under explicit flags. The concept's own row
+    counts only when its prompt kind agrees with the concept's kind (PROMPT_KINDS), so a flag beats the table:
+    `--concept church --kind style` takes van gogh's row, `--concept parachute --kind object` parachute's. 'row'
+    names the row used and 'kind' the kind of latent prompt (harmful, style, object). Stops with one sentence for
+    a kind without a row."""
+    own = SETTINGS.get(info["name"])
+    agrees = own is not None and own[0] == PROMPT_KINDS.get(info["kind"])
+    row = info["name"] if agrees else KIND_ROWS.get(info["kind"])
     if row is None:
         common.die(f"S-GRACE has no settings for a concept of kind '{info['kind']}'; pass --kind "
                    f"({', '.join(k for k in KIND_ROWS if k != 'colour')}).")
     kind, adv_lr, p_update, random_ids, (lo, hi), w_sim, w_anchor, n_anchors, w_param = SETTINGS[row]
     table = dict(kind=kind, adv_lr=adv_lr, p_update=p_update, random_ids=random_ids, min_words=lo, max_words=hi,
                  w_sim=w_sim, w_anchor=w_anchor, n_anchors=n_anchors, w_param=w_param)
-    return dict(row=row, **{k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in table.items()})
+    # every value but the prompt kind has a flag of the same name (--kind is the concept's kind, already in the row)
+    return dict(row=row, **{k: (getattr(args, k) if k != "kind" and getattr(args, k, None) is not None else v)
+                            for k, v in table.items()})
 
 
 def toy_word_lists(info: dict) -> tuple[list[str], list[str]]:
@@ -212,11 +224,14 @@ def token_pieces(tokenizer, texts: list[str]) -> set[str]:
 
 
 def vocabulary_neighbours(pipe, concept: str, n: int, exclude: list[str]) -> tuple[list[str], list[str]]:
-    """Fallback R / U: the n whole vocabulary words nearest to / farthest from the concept's mean token
-    embedding (cosine). A whole word is a token that ends a word (CLIP BPE: '</w>'; every token of a word-level
-    vocabulary such as the toy's), of 3+ letters, and none of the pieces the tokenizer splits the concept or an
-    `exclude` word (its synonyms, its held-out evaluation words) into: for "nudity", neither "nu" nor the
-    word-final piece "dity" can enter R or U. Returns (R, U), n words each at most."""
+    """Fallback R / U: the n word-final vocabulary tokens nearest to / farthest from the concept's mean token
+    embedding (cosine), as plain text. A candidate is a token that ends a word (CLIP BPE: '</w>'; every token of a
+    word-level vocabulary such as the toy's), of 3+ lower-case letters, and none of the pieces the tokenizer
+    splits the concept or an `exclude` word (its synonyms, its held-out evaluation words) into: for "nudity",
+    neither "nu" nor "dity" can enter R or U. Not every candidate is a word: CLIP's vocabulary also holds the
+    endings of longer words ('lish' of 'english', 'ourable'), and no offline test tells them apart; each of
+    CLIP's 32,230 candidates encodes alone to exactly its own one token, 'lish</w>' as 'church</w>' does. A
+    concept file's 'related' / 'unrelated' lists are the clean source. Returns (R, U), n entries each at most."""
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     tok = pipe.tokenizer
     concept_ids = [i for i in common.tokenize(pipe, [concept])[0].tolist() if i not in tok.all_special_ids]
@@ -241,11 +256,12 @@ def read_words(path: str) -> list[str]:
     return words or common.die(f"the word list {path} is empty.")
 
 
-def word_lists(args, pipe, info: dict, concept: str | None = None) -> tuple[list[str], list[str]]:
+def word_lists(args, pipe, info: dict) -> tuple[list[str], list[str]]:
     """R (with the concept itself first, as official: it is e_0) and U, each from the first source that has
     it: --related / --unrelated, the concept file's 'related' / 'unrelated', the miniature world's lists, and
-    last the vocabulary fallback. `concept` is the concept's text (default: --concept)."""
-    concept = concept or args.concept
+    last the vocabulary fallback. The concept itself is its first word, info['words'][0] (concept_text).
+    Entries of R that differ only in case are one entry (CLIP lower-cases): the first is kept."""
+    concept = concept_text(info)
     built_in = toy_word_lists(info) if args.model == "toy" else (None, None)
     related = read_words(args.related) if args.related else info.get("related") or built_in[0]
     unrelated = read_words(args.unrelated) if args.unrelated else info.get("unrelated") or built_in[1]
@@ -253,7 +269,10 @@ def word_lists(args, pipe, info: dict, concept: str | None = None) -> tuple[list
         nearest, farthest = vocabulary_neighbours(pipe, concept, args.fallback_words,
                                                   [*info["words"], *info["held_out"]])
         related, unrelated = related or nearest, unrelated or farthest
-    return list(dict.fromkeys([concept, *related])), list(unrelated)
+    first = {}
+    for word in [concept, *related]:
+        first.setdefault(word.lower(), word)
+    return list(first.values()), list(unrelated)
 
 
 def load_projection(args, pipe):
@@ -274,6 +293,13 @@ def load_projection(args, pipe):
             common.die(f"could not load the CLIP text projection from '{source}'; pass a local copy with "
                        "--projection /path/to/clip-vit-large-patch14, or --projection none for the identity.")
     return model.text_projection.requires_grad_(False).to(pipe.device, pipe.text_encoder.dtype)
+
+
+def concept_text(info: dict) -> str:
+    """The text S-GRACE erases, what the official code calls the concept (config `concept`, in f_c, the latent
+    prompt and R's first entry): the concept's first word. The name only names things (output folder, reports):
+    a concept file {"name": "x", "words": ["teapot"]} erases "teapot"."""
+    return info["words"][0]
 
 
 @torch.no_grad()
@@ -438,8 +464,7 @@ def train(args, pipe, profile: dict):
     infos = common.concept_set(args)  # one concept, or several erased together
     with common.phase(profile, "caching", pipe.device):
         projection = load_projection(args, pipe)
-        states = [concept_state(args, pipe, info, args.concept if len(infos) == 1 else info["name"], projection)
-                  for info in infos]
+        states = [concept_state(args, pipe, info, projection) for info in infos]
     if len(infos) > 1:  # U keeps what lies outside the set: no concept's words may be an anchor of another's
         erased = {w.lower() for state in states for w in state["related"]}
         for state in states:
@@ -521,15 +546,16 @@ def train(args, pipe, profile: dict):
     return text_encoder, dict(**{k: round(v, 2) for k, v in timings.items()}, **per_concept, last_losses=logs)
 
 
-def concept_state(args, pipe, info: dict, concept: str, projection) -> dict:
-    """What a round needs about one concept (`concept`: its text): its settings (SETTINGS row under the flags,
-    and the token ids random ids must avoid), R and U, the latent prompt, f_c (Eq. 1); its adversarial samples
-    and latent start empty and persist from round to round."""
+def concept_state(args, pipe, info: dict, projection) -> dict:
+    """What a round needs about one concept (its text: concept_text, the first word): its settings (SETTINGS row
+    under the flags, and the token ids random ids must avoid), R and U, the latent prompt, f_c (Eq. 1); its
+    adversarial samples and latent start empty and persist from round to round."""
+    concept = concept_text(info)
     settings = concept_settings(args, info)
     # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
     held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
     settings["banned_ids"] = frozenset(held_out_ids) - set(pipe.tokenizer.all_special_ids)
-    related, unrelated = word_lists(args, pipe, info, concept)
+    related, unrelated = word_lists(args, pipe, info)
     toy_prompt = info["templates"][-1].format(concept) if args.model == "toy" else None
     prompt = args.prompt or toy_prompt or {"style": "a picture of {}", "harmful": "{}"}.get(settings["kind"], "a photo of {}").format(concept)
     return dict(settings=settings, related=related, unrelated=unrelated, prompt=prompt,
@@ -538,6 +564,10 @@ def concept_state(args, pipe, info: dict, concept: str, projection) -> dict:
 
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    number = next((p.strip() for p in args.samples if re.fullmatch(r"\s*\d+\s*", p)), None)
+    if number is not None:  # an old command: --samples was the number of adversarial samples K before --adv_samples
+        common.die(f"--samples takes the prompts of samples.png, not a number; for {number} adversarial samples "
+                   f"write --adv_samples {number}.")
     infos = common.concept_set(args)  # one concept, or several erased together
     common.several_concepts(infos, args, ("related", "unrelated", "prompt"))
     info = infos[0]

@@ -312,6 +312,41 @@ def test_prompts_and_the_builtin_beyond_set():
     assert realera.builtin_preserve_prompts(common.concept_info("church", "sd"), "sd", ["{}"]) == realera.SD_PRESERVE
 
 
+
+def test_an_anchor_with_an_article_fills_object_templates_once():
+    """A new object whose concept file says "anchor": "a toy": a template that already puts an article before
+    '{}' keeps its own and drops the anchor's; a template without one keeps the anchor's."""
+    concept, anchor = realera.concept_and_anchor_prompts(["teapot"], "a toy", common.KIND_TEMPLATES["object"])
+    assert concept == ["a photo of a teapot", "a teapot in the city", "a painting of a teapot"]
+    assert anchor == ["a photo of a toy", "a toy in the city", "a painting of a toy"]
+    assert realera.concept_and_anchor_prompts(["teapot"], "an object", ["a photo of {}", "the {} on a table"])[1] == [
+        "a photo of an object", "the object on a table"]
+    assert realera.sample_anchor_prompt(common.KIND_TEMPLATES["object"], "a toy") == "a toy in the city"
+
+
+def test_builtin_prompt_pairs_read_well():
+    """The built-in nudity and church pairs, written out by hand: nudity's whole-phrase anchor "a person wearing
+    clothes" fills only the templates whose '{}' ends the phrase, so "{} person on a beach" is left out (it
+    would read "a person wearing clothes person on a beach"); church's one-word anchor fills all three."""
+    def pairs(name):
+        info = common.concept_info(name, "sd")
+        anchor = realera.kind_settings(realera.Args(concept=name), info)["anchor"]
+        return list(zip(*realera.concept_and_anchor_prompts(info["words"], anchor, info["templates"])))
+
+    clothed = "a person wearing clothes"
+    assert pairs("nudity") == [("a photo of nudity", f"a photo of {clothed}"), ("a photo of nude", f"a photo of {clothed}"),
+                               ("a photo of naked", f"a photo of {clothed}"),
+                               ("a painting of nudity", f"a painting of {clothed}"),
+                               ("a painting of nude", f"a painting of {clothed}"),
+                               ("a painting of naked", f"a painting of {clothed}")]
+    assert pairs("church") == [("a photo of a church", "a photo of a building"),
+                               ("a church in the city", "a building in the city"),
+                               ("a painting of a church", "a painting of a building")]
+    assert realera.fits("{} person on a beach", "clothed") and not realera.fits("{} person on a beach", clothed)
+    assert realera.fits("{}, oil painting", clothed) and realera.fits("a {} in the city", "a toy")
+    with pytest.raises(SystemExit, match="whole phrase"):
+        realera.concept_and_anchor_prompts(["nude"], clothed, ["{} person on a beach"])
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------

@@ -156,6 +156,57 @@ def test_a_concept_without_a_row_takes_its_kind_row():
         sgrace.concept_settings(args, custom_info("custom"))
 
 
+def test_kind_beats_the_rows_of_the_concepts_name():
+    """A concept's own SETTINGS row is used only when its prompt kind agrees with the concept's kind: church as a
+    style takes van gogh's row ('a picture of c', 3-20 words, w_sim 1.2), nudity as an object church's (0 random
+    ids, 8 anchors), while parachute as an object and violence as nudity keep their own rows."""
+    args = common.parse_args(sgrace.Args, ["--concept", "church", "--kind", "style"])
+    church_style = sgrace.concept_settings(args, common.concept_info("church", common.SD14, kind="style"))
+    assert (church_style["row"], church_style["kind"], church_style["w_sim"], church_style["max_words"]) == (
+        "van gogh", "style", 1.2, 20)
+    nudity_object = sgrace.concept_settings(args, common.concept_info("nudity", common.SD14, kind="object"))
+    assert (nudity_object["row"], nudity_object["kind"], nudity_object["random_ids"], nudity_object["n_anchors"]) == (
+        "church", "object", 0, 8)
+    parachute = sgrace.concept_settings(args, common.concept_info("parachute", common.SD14, kind="object"))
+    assert (parachute["row"], parachute["w_sim"]) == ("parachute", 1.2)
+    violence = sgrace.concept_settings(args, common.concept_info("violence", common.SD14, kind="nudity"))
+    assert (violence["row"], violence["kind"], violence["w_sim"]) == ("violence", "harmful", 1.1)
+    church = sgrace.concept_settings(args, common.concept_info("church", common.SD14))
+    assert (church["row"], church["kind"]) == ("church", "object")
+
+
+def test_the_concepts_first_word_is_erased_and_its_name_only_names(sd_like, tmp_path):
+    """A concept file {"name": "x", "words": ["teapot"]}: f_c, the latent prompt and R's first entry are
+    "teapot" (the official code's concept text), never "x". The built-in concepts keep their prompts: "nudity"
+    and "a photo of church" as before; van gogh's first word "Van Gogh" gives "a picture of Van Gogh", the
+    same CLIP tokens as the name's "a picture of van gogh", and R drops the name's case-duplicate of it."""
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(dict(name="x", kind="object", words=["teapot"], related=["kettle"], unrelated=["table"])))
+    args = common.parse_args(sgrace.Args, ["--concept_file", str(path), "--projection", "none"])
+    state = sgrace.concept_state(args, sd_like, common.concept_info(None, common.SD14, concept_file=str(path)), identity)
+    assert state["prompt"] == "a photo of teapot" and state["related"] == ["teapot", "kettle"]
+    torch.testing.assert_close(state["f_c"], common.pooled_features(sd_like, ["teapot"]))
+    built_in = {}
+    for name in ("nudity", "van gogh", "church"):
+        args = common.parse_args(sgrace.Args, ["--concept", name, "--projection", "none"])
+        built_in[name] = sgrace.concept_state(args, sd_like, common.concept_info(name, common.SD14), identity)
+    assert {n: s["prompt"] for n, s in built_in.items()} == {
+        "nudity": "nudity", "van gogh": "a picture of Van Gogh", "church": "a photo of church"}
+    assert torch.equal(*common.tokenize(sd_like, ["a picture of Van Gogh", "a picture of van gogh"]))
+    assert [s["related"][:2] for s in built_in.values()] == [["nudity", "nude"], ["Van Gogh", "Vincent van Gogh"],
+                                                             ["church", "steeple"]]
+    assert len(built_in["van gogh"]["related"]) == 20  # the file's 20 ("Van Gogh" first), not 21 with "van gogh"
+
+
+def test_a_number_given_to_samples_points_to_adv_samples(tmp_path):
+    """An old command, `--samples 8` from before the rename to --adv_samples, stops with one sentence and writes
+    nothing (it would have drawn a picture of the prompt "8")."""
+    out = tmp_path / "erased"
+    with pytest.raises(SystemExit, match=r"--adv_samples 8\.$"):
+        sgrace.main(["--model", "toy", "--concept", "circle", "--samples", "a circle", "8", "--output", str(out)])
+    assert not out.exists()
+
+
 def official_draws(seed, related, n_samples, lo, hi, p_update, rounds):
     """Python's random as the official train.py spends it: per round one word count (random.randint); in round 1
     random.sample([c], 1) for e_0 (the extra draw), then random.sample(R, n) for e_1..e_{K-1}; then t
@@ -210,12 +261,15 @@ def test_token_limit_keeps_75_minus_r_word_tokens(sd_like):
         assert ids[1 + r:last + 1].tolist() == [church if i % 2 == 0 else comma for i in range(kept)]
 
 
-def test_fallback_lists_are_whole_words_without_the_concepts_pieces(sd_like):
+def test_fallback_lists_are_word_final_tokens_without_the_concepts_pieces(sd_like):
     """The real CLIP tokenizer splits 'nudity' into 'nu' + the word-final piece 'dity</w>', and the held-out word
     'nakedness' into 'naked' + 'ness</w>'. With the token embeddings of 'ness</w>' and 'naked</w>' set to the
     concept's mean (so they would be the nearest), no piece enters R or U, nor a synonym or held-out word; every
-    entry is an end-of-word token of 3+ letters."""
+    entry is an end-of-word token of 3+ letters. What the docstring admits: a word ending such as 'lish' (of
+    'english') encodes alone to its one token exactly as the word 'church' does, so no tokenizer test can keep
+    it out."""
     tok = sd_like.tokenizer
+    assert tok.tokenize("lish") == ["lish</w>"] and tok.tokenize("church") == ["church</w>"]
     assert sgrace.token_pieces(tok, ["nudity", "nakedness"]) == {"nu", "dity", "naked", "ness"}
     table = sd_like.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
