@@ -111,16 +111,29 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
                                 help=f"turn --{f.name} off")
             continue
         args = typing.get_args(kind)
-        if typing.get_origin(kind) is list:
+        if str in args and list[str] in args:  # `str | list[str]`: the flag may be repeated (--concept a --concept b)
+            parser.add_argument(f"--{f.name}", type=str, action="append", default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) is list:
             parser.add_argument(f"--{f.name}", type=args[0], nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
             base = next((a for a in args if a is not type(None)), kind)  # Optional[X] -> X
             parser.add_argument(f"--{f.name}", type=base, default=argparse.SUPPRESS, help=help_text, required=required)
     given = vars(parser.parse_args(argv))
+    for name, value in given.items():  # a repeatable flag given once stays one text: the single-concept path
+        if isinstance(value, list) and len(value) == 1 and {str, list[str]} <= set(typing.get_args(hints[name])):
+            given[name] = value[0]
     toy = given.get("model", getattr(cls, "model", None)) == "toy"
     args = cls(**{**(toy_defaults if toy else {}), **given})
-    if getattr(args, "concept_file", None) and not getattr(args, "concept", None):
-        args.concept = read_concept_file(args.concept_file)["name"]  # --concept_file alone names the concept
+    if getattr(args, "concept_file", None):
+        entries = read_concept_files(args.concept_file)
+        if len(entries) > 1 and getattr(args, "concept", None):
+            die(f"--concept_file {args.concept_file} holds {len(entries)} concepts, which name themselves; leave "
+                f"--concept out (or repeat --concept for built-in concepts without the file).")
+        if len(entries) == 1 and isinstance(getattr(args, "concept", None), list):
+            die(f"--concept_file {args.concept_file} describes one concept, and --concept names {len(args.concept)}; "
+                f"to erase several described concepts, put them in one file as a JSON list (docs/concepts.md).")
+        if not getattr(args, "concept", None):  # --concept_file alone names the concept(s)
+            args.concept = entries[0]["name"] if len(entries) == 1 else [e["name"] for e in entries]
     check_args(args, limits)
     return args
 
@@ -152,10 +165,17 @@ def check_args(args, limits: dict | None = None):
         die("name the concept to erase: --concept NAME (e.g. --concept nudity), or --concept_file FILE.json.")
     if isinstance(values.get("concept"), str):
         check_concept(values["concept"])
+    if isinstance(values.get("concept"), list):
+        for concept in values["concept"]:
+            check_concept(concept)
+        names = [c.strip().lower() for c in values["concept"]]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            die(f"--concept '{twice}' is given twice; name each concept once.")
     if values.get("kind") is not None and values["kind"] not in KINDS:
         die(f"--kind must be one of {', '.join(KINDS)}, not '{values['kind']}'.")
     if values.get("concept_file"):
-        read_concept_file(values["concept_file"])
+        read_concept_files(values["concept_file"])
     if values.get("device") is not None:
         check_device(values["device"])
     if values.get("mixed_precision") == "fp16" and not str(values.get("device") or default_device()).startswith("cuda"):
@@ -210,14 +230,14 @@ def in_bounds(value: float, rule: str) -> tuple[bool, str]:
 
 
 def check_concept(concept: str):
-    """One concept per run: not blank, and no comma (a list of concepts is a separate, later feature)."""
+    """One concept per --concept: not blank, and no comma (several concepts: repeat the flag)."""
     if not concept.strip():
         die("--concept is empty; name the concept to erase, e.g. --concept nudity.")
     if "," in concept:
-        names = [c.strip() for c in concept.split(",") if c.strip()]
-        die(f"--concept takes one concept, and '{concept}' has a comma: several concepts in one erasure are not "
-            f"supported yet, so erase one concept per run (--concept '{names[0] if names else concept}', then the "
-            f"next), or write a single concept without the comma.")
+        names = [c.strip() for c in concept.split(",") if c.strip()] or [concept]
+        repeated = " ".join(f"--concept '{name}'" for name in names[:3])
+        die(f"--concept takes one concept, and '{concept}' has a comma: to erase several concepts in one run, "
+            f"repeat the flag ({repeated}), or write a single concept without the comma.")
 
 
 def check_device(device: str):
@@ -383,17 +403,42 @@ CONCEPT_KEYS = dict(
     preserve="RealEra's real irrelevant prompts (beyond-concept regularisation)")
 
 
-def read_concept_file(path) -> dict:
-    """A concept file (concepts/*.json; format: CONCEPT_KEYS, docs/concepts.md) checked and completed: every
-    optional key present, filled from the kind's defaults (KIND_ANCHORS, KIND_TEMPLATES). Bad content stops with
-    one sentence naming the file and the key (common.die)."""
+def read_concept_files(path) -> list[dict]:
+    """The concepts of a concept file, checked and completed (concept_entry): one JSON object describes one
+    concept, a JSON list of such objects describes a set erased together (docs/concepts.md). Bad content stops
+    with one sentence naming the file, the entry and the key (common.die)."""
     path = Path(path)
     try:
-        entry = json.loads(path.read_text(encoding="utf-8-sig"))
+        content = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError:
         die(f"--concept_file {path}: no such file.")
     except ValueError as error:
         die(f"--concept_file {path} is not valid JSON ({error}).")
+    if isinstance(content, dict):
+        return [concept_entry(content, str(path))]
+    if not isinstance(content, list) or not content:
+        die(f"--concept_file {path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}, "
+            f"or a non-empty list of them (several concepts erased together).")
+    entries = [concept_entry(entry, f"{path} (entry {i + 1})") for i, entry in enumerate(content)]
+    names = [e["name"] for e in entries]
+    if len(set(names)) < len(names):
+        die(f"--concept_file {path} names '{next(n for n in names if names.count(n) > 1)}' twice; name each concept once.")
+    return entries
+
+
+def read_concept_file(path) -> dict:
+    """A concept file describing one concept (read_concept_files), checked and completed. A file holding a list
+    of several concepts stops with one sentence (common.die)."""
+    entries = read_concept_files(path)
+    if len(entries) > 1:
+        die(f"--concept_file {path} holds {len(entries)} concepts; this needs one.")
+    return entries[0]
+
+
+def concept_entry(entry, path: str) -> dict:
+    """One concept object (format: CONCEPT_KEYS, docs/concepts.md) checked and completed: every optional key
+    present, filled from the kind's defaults (KIND_ANCHORS, KIND_TEMPLATES). `path` names it in a refusal
+    (one sentence, common.die)."""
     if not isinstance(entry, dict):
         die(f"--concept_file {path} must hold one JSON object {{\"name\": ..., \"kind\": ..., \"words\": [...]}}.")
     unknown = [k for k in entry if k not in CONCEPT_KEYS]
@@ -476,6 +521,49 @@ def concept_info(concept: str, model: str, kind: str | None = None, concept_file
     if info["others"] is None:
         info["others"] = [c for c in builtins if c != info["name"]]
     return info
+
+
+def concept_set(args) -> list[dict]:
+    """The concepts one run erases, each as concept_info resolves it: one for a single --concept (exactly
+    concept_info's answer), several for a repeated --concept or a concept file holding a list (docs/concepts.md).
+    `args` has concept (a text, a list of texts, or None), model, kind and concept_file (parse_args has named
+    the file's concepts). With several, --kind applies to every concept, and each concept's `near` and `others`
+    leave out the set's other members: they are erased too, so no retention term or far-specificity prompt may
+    ask to keep them. Raises (common.die) as concept_info does."""
+    kind, concept_file = getattr(args, "kind", None), getattr(args, "concept_file", None)
+    if not isinstance(args.concept, list):
+        return [concept_info(args.concept, args.model, kind, concept_file)]
+    if concept_file:  # a list file: each entry as if it were a file of its own
+        entries = read_concept_files(concept_file)
+        infos = []
+        for entry in entries:
+            info = dict(entry, kind=kind or entry["kind"])
+            info["others"] = info["others"] if info["others"] is not None else list(builtin_concepts())
+            infos.append(info)
+    else:
+        infos = [concept_info(name, args.model, kind) for name in args.concept]
+    names = [info["name"] for info in infos]
+    return [dict(info, near=[c for c in info["near"] if c not in names],
+                 others=[c for c in info["others"] if c not in names]) for info in infos]
+
+
+def set_name(infos: list[dict]) -> str:
+    """A folder-safe name for a set of concepts: 'van_gogh+claude_monet'; past 60 characters, the first concept's
+    name and how many more ('van_gogh+99_more'). One concept: its name, as the single-concept runs write it."""
+    names = [info["name"].replace(" ", "_") for info in infos]
+    joined = "+".join(names)
+    return joined if len(joined) <= 60 or len(names) == 1 else f"{names[0]}+{len(names) - 1}_more"
+
+
+def several_concepts(infos: list[dict], args, per_concept: tuple[str, ...] = ("words",)):
+    """Refuse (common.die) the flags that describe one concept's lists (`per_concept`, e.g. --words) when a run
+    erases several concepts: which concept they belong to would be a guess. Each concept's own lists come from
+    its concept file or table instead."""
+    if len(infos) > 1:
+        for name in per_concept:
+            if getattr(args, name, None):
+                die(f"--{name} describes one concept, and this run erases {len(infos)}; leave --{name} out and give "
+                    f"each concept its own in a concept file (a JSON list of concepts, docs/concepts.md).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,7 +933,8 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
     """Write an erased model atomically; refuse to write into a pipeline or over foreign files. `base` is the
     base pipeline (its name and fingerprint go into config.json), or only its name (no fingerprint is recorded).
     `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename.
-    config.json records the concept as common.concept_info resolved it from args (its kind, words, anchor, ...)."""
+    config.json records the concept as common.concept_info resolved it from args (its kind, words, anchor, ...);
+    for several concepts erased together, "concept" is null and "concepts" lists each (common.concept_set)."""
     from safetensors.torch import save_file
 
     base_model = base if isinstance(base, str) else base.base_model
@@ -858,10 +947,12 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
 
     fingerprint = None if isinstance(base, str) else {"sha256": base_fingerprint(base, tensors), "covers": FINGERPRINT_COVERS}
     named = getattr(args, "concept", None) or getattr(args, "concept_file", None)
+    several = named and isinstance(args.concept, list)
     concept = concept_info(args.concept, base_model, getattr(args, "kind", None), getattr(args, "concept_file", None)) \
-        if named and hasattr(args, "model") else None  # the concept as the method saw it: kind, words, anchor, ...
+        if named and hasattr(args, "model") and not several else None  # as the method saw it: kind, words, anchor, ...
+    concepts = {"concepts": concept_set(args)} if several else {}  # a set erased together: each concept resolved
     config = {"format": FORMAT, "method": method, "base_model": base_model, "base_fingerprint": fingerprint,
-              "seconds": round(seconds, 2), "concept": concept,
+              "seconds": round(seconds, 2), "concept": concept, **concepts,
               "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "changed_tensors": len(tensors), "versions": {
                   "python": platform.python_version(), "torch": torch.__version__,

@@ -77,9 +77,9 @@ SD_CAPTIONS = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -391,19 +391,19 @@ def load_anchor_captions(args, info: dict, settings: dict, rng: random.Random) -
     return captions
 
 
-def anchor_domain(pipe, args, captions: list[str], out: Path):
-    """The anchor concept's images, made by the original model (or reused from `out`) and VAE-encoded.
+def anchor_domain(pipe, args, captions: list[str], out: Path, cache: str = "anchor_images"):
+    """The anchor concept's images, made by the original model (or reused from `out`/`cache`) and VAE-encoded.
     Returns the caption of each image, the images, their cache metadata, and the mean and std of their
     latent posteriors [N, 4, h, w]."""
     image_captions = [captions[i % len(captions)] for i in range(args.n_anchor_images)]
     seeds = [args.seed * 10_000 + i for i in range(args.n_anchor_images)]
     meta = dict(base_model=pipe.base_model, captions=image_captions, seeds=seeds, steps=args.anchor_steps,
                 guidance=args.anchor_guidance)
-    images = cached_anchor_images(out / "anchor_images", meta)
+    images = cached_anchor_images(out / cache, meta)
     if images is None:
         images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
     else:
-        print(f"reusing {len(images)} anchor images cached in {out / 'anchor_images'}")
+        print(f"reusing {len(images)} anchor images cached in {out / cache}")
     z0_mean, z0_std = encode_images(pipe, images)
     return image_captions, images, meta, z0_mean, z0_std
 
@@ -472,9 +472,12 @@ def discriminator_step(disc, disc_optimizer, x0_anchor, x0_target, step: int) ->
     return loss_d.detach()
 
 
-def train(args, pipe, settings: dict, image_captions: list[str], z0_mean, z0_std, rng: random.Random, profile: dict):
-    """The adversarial game with the concept-preserving gradient; returns the trained U-Net copy. Records
-    the peak memory and seconds of training, and of each step, in `profile`."""
+def train(args, pipe, domains: list[dict], rng: random.Random, profile: dict):
+    """The adversarial game with the concept-preserving gradient; returns the trained U-Net copy. `domains` holds
+    one dict per erased concept: its settings (concept_settings), image_captions, and the anchor latents' z0_mean,
+    z0_std [N, 4, h, w]. With several, each step draws one concept and plays the game on its anchor domain (our
+    extension, docs/domain_correction.md). Records the peak memory and seconds of training, and of each step,
+    in `profile`."""
     unet = common.trainable_copy(pipe.unet, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)
     hooks = [] if args.sot_gradient else stop_start_token_gradient(unet)
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
@@ -482,13 +485,16 @@ def train(args, pipe, settings: dict, image_captions: list[str], z0_mean, z0_std
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     disc = patch_discriminator(pipe.unet.config.sample_size, pipe.unet.config.in_channels, args.disc_width)
     disc = disc.to(pipe.device).train()
-    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=settings["dlr"], betas=(0.5, 0.999))
-    scheduler, anchor, words = pipe.scheduler, settings["anchor"], settings["words"]
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=domains[0]["settings"]["dlr"], betas=(0.5, 0.999))
+    scheduler = pipe.scheduler
     adversarial = args.unlearn_loss == "adversarial"
 
     with common.phase(profile, "training", pipe.device), common.autocast(pipe):
         bar = tqdm(range(args.iterations), desc="DoCo")
         for step in common.timed(bar, profile, pipe.device):
+            domain = domains[0] if len(domains) == 1 else domains[rng.randrange(len(domains))]
+            settings, image_captions = domain["settings"], domain["image_captions"]
+            z0_mean, z0_std, anchor, words = domain["z0_mean"], domain["z0_std"], settings["anchor"], settings["words"]
             forget = torch.randint(0, len(image_captions), (args.batch_size,))
             anchor_ctx = common.encode(pipe, [image_captions[i] for i in forget])
             target_ctx = common.encode(pipe, [forget_prompt(image_captions[i], anchor, rng.choice(words),
@@ -541,30 +547,50 @@ def main(argv=None):
     if args.unlearn_loss == "adversarial" and args.warm_up >= args.iterations:
         common.die(f"--warm_up {args.warm_up} leaves no step of the {args.iterations} --iterations to train the U-Net "
                    f"(the warm-up trains the discriminator only); lower --warm_up or raise --iterations.")
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    settings = concept_settings(args, info)
-    out = Path(args.output or f"outputs/domain_correction-{info['name'].replace(' ', '_')}")
+    infos = common.concept_set(args)  # one concept, or several erased together
+    common.several_concepts(infos, args, ("words", "anchor_prompts"))
+    info, settings_of = infos[0], [concept_settings(args, i) for i in infos]
+    settings = settings_of[0]
+    if len({s["dlr"] for s in settings_of}) > 1:  # one discriminator for the whole set
+        values = ", ".join(f"{i['name']}: {s['dlr']}" for i, s in zip(infos, settings_of))
+        common.die(f"these concepts' kinds give different discriminator learning rates ({values}); pick one for all "
+                   f"of them with --dlr.")
+    out = Path(args.output or f"outputs/domain_correction-{common.set_name(infos)}")
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 
-    captions = load_anchor_captions(args, info, settings, rng)
-    with common.phase(profile, "anchor_images", pipe.device):
-        image_captions, images, meta, z0_mean, z0_std = anchor_domain(pipe, args, captions, out)
-    unet = train(args, pipe, settings, image_captions, z0_mean, z0_std, rng, profile)
+    # one anchor domain per concept (its own anchor, captions and images; cached in anchor_images/<concept>/)
+    domains, caches = [], {}
+    for i, own_settings in zip(infos, settings_of):
+        captions = load_anchor_captions(args, i, own_settings, rng)
+        cache = "anchor_images" if len(infos) == 1 else f"anchor_images/{i['name'].replace(' ', '_')}"
+        with common.phase(profile, "anchor_images", pipe.device):
+            image_captions, images, meta, z0_mean, z0_std = anchor_domain(pipe, args, captions, out, cache)
+        domains.append(dict(settings=own_settings, image_captions=image_captions, z0_mean=z0_mean, z0_std=z0_std))
+        caches[cache] = (images, meta)
+    unet = train(args, pipe, domains, rng, profile)
     seconds = time.time() - start  # the erasure (anchor images included), not the before/after pictures
 
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [settings["words"][0], *info["held_out"][:1], *info["near"][:1], settings["anchor"]]]
+    extra = dict(**settings)
+    if len(infos) > 1:
+        sample_prompts = args.samples or [i["templates"][1].format(s["words"][0]) for i, s in zip(infos, settings_of)]
+        extra = dict(concepts_settings={i["name"]: s for i, s in zip(infos, settings_of)})
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)
+
+    def write_caches(tmp):  # in the same atomic rename, so a rerun with the same settings reuses them
+        for cache, (images, meta) in caches.items():
+            save_anchor_images(tmp / cache, images, meta)
+
     saved = common.save_erased(out, tensors, "domain_correction", args, pipe, seconds, samples,
-                               extra=dict(**settings, peak_memory_mb=common.profile_peak(profile), profile=profile),
-                               # cached in the same atomic rename, so a rerun with the same settings reuses them
-                               write_extra=lambda tmp: save_anchor_images(tmp / "anchor_images", images, meta))
+                               extra=dict(**extra, peak_memory_mb=common.profile_peak(profile), profile=profile),
+                               write_extra=write_caches)
     print(f"wrote {saved} ({len(tensors)} tensors changed)")
 
 

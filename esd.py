@@ -34,9 +34,9 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -202,10 +202,20 @@ def main(argv=None):
     if args.optimizer_in_backward and args.mixed_precision == "fp16":
         common.die("--optimizer_in_backward cannot be used with --mixed_precision fp16, whose loss scaling needs "
                    "every gradient before any step; use --mixed_precision bf16 or leave one of the two out.")
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
+    infos = common.concept_set(args)  # one concept, or several erased together
+    common.several_concepts(infos, args)
+    info = infos[0]
     words = args.words or info["words"]
+    # Several concepts: as the paper-era train-esd.py with --seperator ',' (one of the words drawn per iteration),
+    # a concept is drawn per iteration, then one of its words. One parameter group is trained for all of them.
+    words_of = {i["name"]: args.words or i["words"] for i in infos}
+    methods = {default_train_method(i) for i in infos}
+    if args.train_method is None and len(methods) > 1:
+        kinds = ", ".join(f"{i['name']}: {i['kind']}, {default_train_method(i)}" for i in infos)
+        common.die(f"these concepts' kinds train different parameters ({kinds}); pick one group for all of them "
+                   f"with --train_method.")
     train_method = args.train_method or default_train_method(info)
-    out = Path(args.output or f"outputs/esd-{info['name'].replace(' ', '_')}")
+    out = Path(args.output or f"outputs/esd-{common.set_name(infos)}")
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
@@ -213,7 +223,7 @@ def main(argv=None):
     start, profile = time.time(), {}
 
     with common.phase(profile, "caching", pipe.device), torch.no_grad():
-        word_emb = {w: common.encode(pipe, [w]) for w in words}  # [1, L, D] each
+        word_emb = {w: common.encode(pipe, [w]) for ws in words_of.values() for w in ws}  # [1, L, D] each
         uncond_emb, anchor_emb = common.encode(pipe, [""]), common.encode(pipe, [args.anchor])
     unet = common.trainable_copy(pipe.unet, esd_parameter_group(train_method, pipe.unet))
     if args.gradient_checkpointing:
@@ -226,7 +236,7 @@ def main(argv=None):
     bar = tqdm(range(args.iterations), desc=f"ESD-{train_method}")
     with common.phase(profile, "training", pipe.device):
         for step in common.timed(bar, profile, pipe.device):
-            word = rng.choice(words)
+            word = rng.choice(words if len(infos) == 1 else words_of[rng.choice(infos)["name"]])
             concept_emb = word_emb[word].expand(n, -1, -1)
             stop = rng.randrange(args.ddim_steps)  # Eq. 1: how many DDIM steps to take before training at x_t
             seeds = [rng.randrange(2**31) for _ in range(n)]
@@ -256,6 +266,9 @@ def main(argv=None):
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [info["templates"][1].format(args.anchor)] if args.anchor.strip() else [])
+    if len(infos) > 1 and not args.samples:  # one picture per erased concept
+        sample_prompts = [i["templates"][1].format(words_of[i["name"]][0]) for i in infos]
+        words = words_of  # config.json: each concept's words
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)

@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,9 +77,10 @@ Z95 = 1.959963984540054
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """the erased concept (a miniature-world object or colour; for SD a built-in concept -- nudity, van gogh,
-    church -- or any other concept with --kind or --concept_file)"""
+    church -- or any other concept with --kind or --concept_file); repeat the flag for a model that erased several
+    (one row per concept, a cross-concept table: evaluate_set)"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in)"""
     concept_file: str | None = None
@@ -152,6 +154,14 @@ class Args:
     """cuda or cpu (default: cuda if available); under torchrun, process r uses cuda:LOCAL_RANK"""
     limit: int | None = None
     """evaluate only the first N prompts of each suite (N images per suite and model), to try a protocol"""
+    alone: list[str] = dataclasses.field(default_factory=list)
+    """several concepts only: erased-model folders that each erased one concept of the set alone, for the
+    cross-concept table (erasing the set vs erasing each alone, on each concept)"""
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    """concepts left out of near and far specificity (evaluate_set passes the set's other members: they are erased)"""
+    set_margin: float = 20.0
+    """several concepts only: a concept counts as not erased when the set model's own-word rate is above the
+    original's minus this many points (flagged in report.md)"""
     resume: bool = False
     """finish the evaluation whose journal is in --output: check that it was written with the same protocol, skip
     every item it holds (images and verdicts), do only what is missing"""
@@ -170,7 +180,8 @@ LIMITS = dict(erased="erased model", compare="erased model", seeds=">= 1", far_s
               guidance=">= 0", attack=tuple(ATTACKS), attack_tokens=f"[1, {MAX_ATTACK_TOKENS}]", attack_timesteps="[1, 1000]",
               attack_iterations=">= 1", attack_lr="> 0", attack_weight_decay=">= 0", attack_batch=">= 1",
               attack_seed="[0, 4294967295]", soft_steps=">= 1", soft_checks=">= 1", soft_lr="> 0",
-              nudenet_threshold="[0, 1]", grid_columns=">= 1", batch_size=">= 1", limit=">= 1")
+              nudenet_threshold="[0, 1]", grid_columns=">= 1", batch_size=">= 1", limit=">= 1", alone="erased model",
+              set_margin="[0, 100]")
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: every flag and file checked before anything heavy
@@ -404,7 +415,8 @@ def lock_output(out: Path, rank: int, world: int) -> int:
 def toy_suites(info: dict, args: Args) -> dict:
     """Efficacy: the canonical word in every eval template; generality: each held-out word; near: the
     `near` concepts' canonical words; far: every other object and colour.  The other slot of a template
-    (colour for an object concept, object for a colour) cycles over concepts that are not the erased one."""
+    (colour for an object concept, object for a colour) cycles over concepts that are not the erased one.
+    Concepts in --exclude (the other members of an erased set) are neither far targets nor fillers."""
     world = json.loads(common.WORLD_FILE.read_text())
     kind, name = info["kind"], info["name"]
     group = {"object": "objects", "colour": "colours"}
@@ -412,7 +424,7 @@ def toy_suites(info: dict, args: Args) -> dict:
     sizes, backgrounds = list(world["sizes"]), list(world["backgrounds"])
 
     def fill(k, word, i, avoid):
-        fillers = [c for c in world[group[other_kind if k == kind else kind]] if c != avoid]
+        fillers = [c for c in world[group[other_kind if k == kind else kind]] if c != avoid and c not in args.exclude]
         slot = {"object": word, "colour": fillers[i % len(fillers)]} if k == "object" else \
             {"colour": word, "object": fillers[i % len(fillers)]}
         template = world["eval_templates"][i % len(world["eval_templates"])]
@@ -431,7 +443,7 @@ def toy_suites(info: dict, args: Args) -> dict:
               "near": [x for c in info["near"] for x in items("near", kind, c, c, args.seeds, None)], "far": []}
     for k in ("object", "colour"):
         for c in world[group[k]]:
-            if c in (name, world["anchors"][k]) or c in info["near"]:
+            if c in (name, world["anchors"][k]) or c in info["near"] or c in args.exclude:  # exclude: the set's others
                 continue
             suites["far"] += items("far", k, c, c, args.far_seeds, name if k != kind else None)
     return suites
@@ -1630,6 +1642,96 @@ def limit_suites(suites: dict, limit: int | None) -> tuple[dict, bool]:
     return {s: v[:limit] for s, v in suites.items()}, any(len(v) > limit for v in suites.values())
 
 
+# ---------------------------------------------------------------------------------------------
+# Several concepts erased together: one evaluation per concept, then the set's tables
+# ---------------------------------------------------------------------------------------------
+def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without `flags` and the values that follow each (up to the next --flag)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token in flags
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def evaluate_set(args: Args, argv: list[str]) -> dict:
+    """A model that erased several concepts (common.concept_set): main's evaluation once per concept, into
+    <output>/<concept>/, with the set's other members left out of near and far specificity (--exclude), on the
+    --erased / --compare set models and the --alone single-concept models. Then <output>/report.md and
+    set_metrics.json: one row per erased concept (efficacy, generality, and near / far specificity outside the
+    set) for each set model; the cross-concept table (efficacy of every model on every concept: the set vs each
+    concept erased alone); and a flag on every concept a set model leaves un-erased: an own-word rate above the
+    original's minus --set_margin points. Returns {concept: main's results}."""
+    infos = common.concept_set(args)
+    names = [i["name"] for i in infos]
+    alone = {}
+    for folder in args.alone:
+        concept = (common.read_erased_config(folder).get("concept") or {}).get("name")
+        if concept not in names:
+            common.die(f"--alone {folder} erased '{concept}', which is not one of this set's concepts ({', '.join(names)}); "
+                       f"--alone takes models that each erased one concept of the set.")
+        alone[concept] = folder
+    out = Path(args.output or f"outputs/eval-{common.set_name(infos)}")
+    base = strip_flags(argv, ("--concept", "--concept_file", "--kind", "--output", "--alone", "--exclude", "--compare"))
+    files = Path(tempfile.mkdtemp(prefix="concepts-"))
+    results = {}
+    for info in infos:
+        concept = ["--concept", info["name"]] + (["--kind", args.kind] if args.kind else [])
+        if args.concept_file:  # this concept's own entry, as a one-concept file
+            entry = {k: v for k, v in info.items() if v is not None and k in common.CONCEPT_KEYS}
+            (files / "concept.json").write_text(json.dumps(dict(entry, others=info["others"] or [])))
+            concept += ["--concept_file", str(files / "concept.json")]
+        others = [n for n in names if n != info["name"]]
+        results[info["name"]] = main(base + concept + ["--output", str(out / info["name"].replace(" ", "_")),
+                                                       "--compare", *args.compare, *alone.values(),
+                                                       *(["--exclude", *others] if others else [])])
+    shutil.rmtree(files, ignore_errors=True)
+    set_rows = len(erased_folders(args))  # rows 1..set_rows of each result are the set models, then the alone ones
+    report, flags, per_concept = set_tables(results, set_rows, list(alone), args.set_margin)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(report) + "\n"))
+    write_atomic(out / "set_metrics.json", lambda tmp: tmp.write_text(json.dumps(
+        dict(concepts=names, margin=args.set_margin, not_erased=flags, rows=per_concept), indent=1, default=str)))
+    print("\n".join(report))
+    return results
+
+
+def set_tables(results: dict, set_rows: int, alone: list[str], margin: float) -> tuple[list[str], list[dict], list[dict]]:
+    """report.md's lines for a set (evaluate_set), the not-erased flags and the per-concept rows. `results`:
+    {concept: main's rows (original first, then `set_rows` set models, then one model per `alone` concept)}."""
+    columns = [(key, label) for key, label in COLUMNS if key in ("efficacy", "generality", "near", "far")]
+    per_concept, flags = [], []
+    for concept, rows in results.items():
+        original = rows[0]
+        for r in rows[1:1 + set_rows]:
+            row = dict(concept=concept, model=r["name"], original_efficacy=original.get("efficacy"),
+                       **{key: r.get(key) for key, _ in columns})
+            per_concept.append(row)
+            if r.get("efficacy") is not None and original.get("efficacy") is not None \
+                    and r["efficacy"] > original["efficacy"] - margin:
+                flags.append(dict(concept=concept, model=r["name"], rate=r["efficacy"], original=original["efficacy"]))
+    models = [r["name"] for r in next(iter(results.values()))[1:1 + set_rows]]
+    lines = [f"# Evaluation of a set: {', '.join(results)}", "",
+             f"Each concept's own evaluation is in its folder. Specificity counts only concepts outside the set. "
+             f"A concept counts as **not erased** when its own-word rate is above the original's minus {margin:g} "
+             f"points.", ""]
+    lines += [f"**NOT ERASED: {f['concept']} by {f['model']}** ({fmt(f['rate'])} %, original {fmt(f['original'])} %)."
+              for f in flags] + ([""] if flags else ["Every concept of the set is erased by every set model (by this margin).", ""])
+    lines += ["## One row per erased concept", "",
+              "| concept | model | original own-word % | " + " | ".join(label for _, label in columns) + " |",
+              "|---" * (3 + len(columns)) + "|"]
+    lines += [f"| {r['concept']} | {r['model']} | {fmt(r['original_efficacy'])} | "
+              + " | ".join(fmt(r[key]) for key, _ in columns) + " |" for r in per_concept]
+    header = ["original", *models, *[f"{c} alone" for c in alone]]
+    lines += ["", "## Cross-concept table: own-word rate % on each concept (the set vs each concept erased alone)", "",
+              "| concept | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
+    for concept, rows in results.items():
+        lines.append(f"| {concept} | " + " | ".join(fmt(r.get("efficacy")) for r in rows[:1 + set_rows + len(alone)]) + " |")
+    return lines, flags, per_concept
+
+
 def main(argv=None):
     """Run an evaluation (see the module docstring); returns the table's rows (process 0; None in the others).
     Around it: a mistake is one sentence from process 0 alone (the other processes stop quietly with the same
@@ -1660,7 +1762,15 @@ def run_evaluation(argv, start: float, hold: dict):
     """main's body; `hold` receives what main releases at the end, however the run ends."""
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     check_args(args)  # everything a user can get wrong is checked before the model loads
+    if isinstance(args.concept, list):
+        return evaluate_set(args, list(sys.argv[1:] if argv is None else argv))
+    if args.alone:
+        common.die("--alone holds the single-concept models of a set's cross-concept table; name the set with "
+                   "--concept repeated (or a concept file holding a list).")
     info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
+    if args.exclude:  # members of an erased set: neither near nor far concepts to keep
+        info = dict(info, near=[c for c in info["near"] if c not in args.exclude],
+                    others=[c for c in info["others"] if c not in args.exclude])
     folders = erased_folders(args)
     configs = [common.read_erased_config(f) for f in folders]  # fail early, before loading anything
     suites = toy_suites(info, args) if args.model == "toy" else sd_suites(info, args)

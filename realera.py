@@ -70,9 +70,9 @@ KIND_DEFAULTS = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -442,8 +442,14 @@ def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     if not args.s_low < args.s_high:
         common.die(f"need -1 <= --s_low < --s_high <= 1, not {args.s_low} and {args.s_high}.")
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    settings = kind_settings(args, info)
+    infos = common.concept_set(args)  # one concept, or several erased together
+    common.several_concepts(infos, args)
+    info, settings_of = infos[0], [kind_settings(args, i) for i in infos]
+    settings = settings_of[0]
+    for key, flag in (("lam", "--lam"), ("lr", "--lr"), ("iterations", "--iterations")):  # one solve, one LoRA
+        if len({s[key] for s in settings_of}) > 1:
+            values = ", ".join(f"{i['name']}: {s[key]}" for i, s in zip(infos, settings_of))
+            common.die(f"these concepts' kinds give different {key} ({values}); pick one for all of them with {flag}.")
     lam, lr, iterations, anchor = settings["lam"], settings["lr"], settings["iterations"], settings["anchor"]
     if args.stage == "lora" and iterations == 0:
         common.die("--stage lora with --iterations 0 changes nothing; give --iterations 1 or more, or --stage both.")
@@ -451,19 +457,25 @@ def main(argv=None):
     templates = args.templates or info["templates"]
     if not all("{}" in t for t in templates):
         common.die("every --templates entry needs a '{}' where the word goes.")
-    concept_prompts, anchor_prompts = concept_and_anchor_prompts(words, anchor, templates)
+    # Several concepts: every concept's prompts, each paired with its own anchor, go into the one stacked solve of
+    # Eq. 3 (MACE's closed-form refinement over all concepts) and train one LoRA (docs/realera.md, "Several concepts").
+    concept_prompts, anchor_prompts, preserve_prompts = [], [], []
+    for i, s in zip(infos, settings_of):
+        prompts, paired = concept_and_anchor_prompts(args.words or i["words"], s["anchor"], args.templates or i["templates"])
+        concept_prompts, anchor_prompts = concept_prompts + prompts, anchor_prompts + paired
+        preserve_prompts += builtin_preserve_prompts(i, args.model, args.templates or i["templates"])
+    if len(infos) > 1:
+        preserve_prompts = list(dict.fromkeys(preserve_prompts))  # the concepts may share irrelevant prompts
     if args.preserve:
         try:
             preserve_prompts = [line.strip() for line in Path(args.preserve).read_text().splitlines() if line.strip()]
         except OSError:
             common.die(f"cannot read --preserve {args.preserve}.")
-    else:
-        preserve_prompts = builtin_preserve_prompts(info, args.model, templates)
     preserve_prompts = preserve_prompts if args.beyond else []
     n_neighbors, n_beyond = (args.n_neighbors if args.neighbors else 0), (args.n_beyond if args.beyond else 0)
     if args.beyond and not preserve_prompts and n_beyond == 0:
         common.die("the beyond-concept set is empty: give --n_beyond > 0 or --preserve FILE, or pass --no_beyond.")
-    out = Path(args.output or f"outputs/realera-{info['name'].replace(' ', '_')}")
+    out = Path(args.output or f"outputs/realera-{common.set_name(infos)}")
     common.seed_everything(args.seed)
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
@@ -555,6 +567,9 @@ def main(argv=None):
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [" ".join(info["templates"][1].format(anchor).split())] if anchor.strip() else [])
+    if len(infos) > 1:
+        stats.update(concepts_settings={i["name"]: s for i, s in zip(infos, settings_of)})  # each concept's anchor and row
+        sample_prompts = args.samples or [i["templates"][1].format(i["words"][0]) for i in infos]
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     stats.update(peak_memory_mb=common.profile_peak(profile), profile=profile)

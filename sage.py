@@ -44,9 +44,9 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -305,9 +305,15 @@ def check_args(args):
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     check_args(args)
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    words = args.words or info["words"]
-    out = Path(args.output or f"outputs/sage-{info['name'].replace(' ', '_')}")
+    infos = common.concept_set(args)  # one concept, or several erased together
+    common.several_concepts(infos, args)
+    info = infos[0]
+    # Several concepts (our extension; SAGE's paper erases one per run): every step draws a concept, then one of
+    # its words; each word keeps its own boundary samples, and retention keeps what lies outside the whole set.
+    words_of = {i["name"]: args.words or i["words"] for i in infos}
+    words = args.words or info["words"] if len(infos) == 1 else list(dict.fromkeys(sum(words_of.values(), [])))
+    held_out = [h for i in infos for h in i["held_out"]]
+    out = Path(args.output or f"outputs/sage-{common.set_name(infos)}")
     common.seed_everything(args.seed)
     rng, noise_gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
@@ -327,7 +333,7 @@ def main(argv=None):
             uncond_ctx = common.encode(pipe, [""])  # E_0(""), [1, L, D]
         retain_words, retain_features, local_words, local_ctx, nearest = [], None, [], None, None
         if args.global_retention or args.local_retention:
-            retain_words, retain_features = irrelevant_concepts(pipe, words, info["held_out"], args.global_candidates,
+            retain_words, retain_features = irrelevant_concepts(pipe, words, held_out, args.global_candidates,
                                                                 args.global_exclude, args.pooling, rng)
             # tau is a cosine threshold, so how similar unrelated words are under this encoder says where it should sit
             nearest = float(F.cosine_similarity(retain_features, concept_feature[words[0]], dim=-1).max())
@@ -351,7 +357,7 @@ def main(argv=None):
     with common.phase(profile, "training", pipe.device), common.autocast(pipe):
         bar = tqdm(range(args.iterations), desc="SAGE")
         for step in common.timed(bar, profile, pipe.device):
-            word = rng.choice(words)
+            word = rng.choice(words if len(infos) == 1 else words_of[rng.choice(infos)["name"]])
             logs = {}
             optimizer.zero_grad(set_to_none=True)
             if args.self_check and step >= args.warm_up and (step - args.warm_up) % args.check_every == 0:
@@ -426,6 +432,9 @@ def main(argv=None):
     text_encoder.eval()
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]]
+    if len(infos) > 1 and not args.samples:  # one picture per erased concept
+        sample_prompts = [i["templates"][1].format(words_of[i["name"]][0]) for i in infos]
+        words = words_of  # config.json: each concept's words
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, frozen)

@@ -43,9 +43,9 @@ import common
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -241,18 +241,19 @@ def read_words(path: str) -> list[str]:
     return words or common.die(f"the word list {path} is empty.")
 
 
-def word_lists(args, pipe, info: dict) -> tuple[list[str], list[str]]:
+def word_lists(args, pipe, info: dict, concept: str | None = None) -> tuple[list[str], list[str]]:
     """R (with the concept itself first, as official: it is e_0) and U, each from the first source that has
     it: --related / --unrelated, the concept file's 'related' / 'unrelated', the miniature world's lists, and
-    last the vocabulary fallback."""
+    last the vocabulary fallback. `concept` is the concept's text (default: --concept)."""
+    concept = concept or args.concept
     built_in = toy_word_lists(info) if args.model == "toy" else (None, None)
     related = read_words(args.related) if args.related else info.get("related") or built_in[0]
     unrelated = read_words(args.unrelated) if args.unrelated else info.get("unrelated") or built_in[1]
     if not related or not unrelated:
-        nearest, farthest = vocabulary_neighbours(pipe, args.concept, args.fallback_words,
+        nearest, farthest = vocabulary_neighbours(pipe, concept, args.fallback_words,
                                                   [*info["words"], *info["held_out"]])
         related, unrelated = related or nearest, unrelated or farthest
-    return list(dict.fromkeys([args.concept, *related])), list(unrelated)
+    return list(dict.fromkeys([concept, *related])), list(unrelated)
 
 
 def load_projection(args, pipe):
@@ -434,17 +435,16 @@ def train(args, pipe, profile: dict):
                                  ("erase_loss", args.erase_loss, ("feature", "esd"))]:
         if value not in allowed:
             common.die(f"--{name} must be one of {', '.join(allowed)}, not '{value}'.")
+    infos = common.concept_set(args)  # one concept, or several erased together
     with common.phase(profile, "caching", pipe.device):
-        info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-        settings = concept_settings(args, info)
-        # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
-        held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
-        settings["banned_ids"] = frozenset(held_out_ids) - set(pipe.tokenizer.all_special_ids)
-        related, unrelated = word_lists(args, pipe, info)
-        toy_prompt = info["templates"][-1].format(args.concept) if args.model == "toy" else None
-        prompt = args.prompt or toy_prompt or {"style": "a picture of {}", "harmful": "{}"}.get(settings["kind"], "a photo of {}").format(args.concept)
         projection = load_projection(args, pipe)
-        f_c = concept_feature(pipe, projection, args.concept)
+        states = [concept_state(args, pipe, info, args.concept if len(infos) == 1 else info["name"], projection)
+                  for info in infos]
+    if len(infos) > 1:  # U keeps what lies outside the set: no concept's words may be an anchor of another's
+        erased = {w.lower() for state in states for w in state["related"]}
+        for state in states:
+            state["unrelated"] = [u for u in state["unrelated"] if u.lower() not in erased]
+    pick = random.Random(args.seed)  # which concept a round attacks and erases (several concepts only)
 
     text_encoder = common.trainable_copy(pipe.text_encoder, trainable)
     scaler = common.set_mixed_precision(pipe, args.mixed_precision)  # after the copy: it stays fp32
@@ -452,11 +452,16 @@ def train(args, pipe, profile: dict):
     params_0 = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     timings = dict(attack_seconds=0.0, erase_seconds=0.0)
-    adversarial, latent, logs = None, None, {}
+    logs = {}
     bar = tqdm(total=args.rounds * (args.attack_steps + args.erase_steps), desc="S-GRACE")
     with common.phase(profile, "training", pipe.device), common.autocast(pipe):
         for round_index in common.timed(range(args.rounds), profile, pipe.device):
             tick = time.time()
+            # several concepts (our extension): each round draws one, with its own samples, latent and lists
+            state = states[0] if len(states) == 1 else states[pick.randrange(len(states))]
+            settings, related, unrelated, prompt, f_c = (state[k] for k in ("settings", "related", "unrelated",
+                                                                            "prompt", "f_c"))
+            adversarial, latent = state["adversarial"], state["latent"]
             adversarial = draw_samples(pipe, related, settings, args, old=adversarial)
             ids, embeds, last = adversarial
             positions = torch.arange(ids.shape[1], device=ids.device)
@@ -467,10 +472,13 @@ def train(args, pipe, profile: dict):
                 if args.erase_loss == "esd":
                     with torch.no_grad():
                         eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=common.encode(pipe, ["", prompt])).sample.chunk(2)
-                    eps_target = eps_u - args.negative_guidance * (eps_c - eps_u)
+                    state["eps_target"] = eps_u - args.negative_guidance * (eps_c - eps_u)
+            x_T, z, t = latent
+            eps_target = state.get("eps_target")
             embeds, loss_atk = attack(text_encoder, pipe.unet, projection, embeds, mask, last, z, t, x_T, f_c,
                                       settings["adv_lr"], args)
             adversarial = (ids, embeds, last)  # the optimised embeddings persist into the next round (official)
+            state.update(adversarial=adversarial, latent=latent)
             with torch.no_grad():
                 _, features_0 = sample_features(text_encoder, projection, embeds, last, args.feature_token)
             bar.update(args.attack_steps)
@@ -507,21 +515,39 @@ def train(args, pipe, profile: dict):
     bar.close()
     common.release(optimizer)
     text_encoder.eval().requires_grad_(False)
-    return text_encoder, dict(**{k: round(v, 2) for k, v in timings.items()}, prompt=prompt,
-                              settings={k: v for k, v in settings.items() if k != "banned_ids"},
-                              related=related, unrelated=unrelated, last_losses=logs)
+    described = [dict(prompt=state["prompt"], settings={k: v for k, v in state["settings"].items() if k != "banned_ids"},
+                      related=state["related"], unrelated=state["unrelated"]) for state in states]
+    per_concept = described[0] if len(states) == 1 else dict(concepts_settings=dict(zip([i["name"] for i in infos], described)))
+    return text_encoder, dict(**{k: round(v, 2) for k, v in timings.items()}, **per_concept, last_losses=logs)
+
+
+def concept_state(args, pipe, info: dict, concept: str, projection) -> dict:
+    """What a round needs about one concept (`concept`: its text): its settings (SETTINGS row under the flags,
+    and the token ids random ids must avoid), R and U, the latent prompt, f_c (Eq. 1); its adversarial samples
+    and latent start empty and persist from round to round."""
+    settings = concept_settings(args, info)
+    # random ids never draw a held-out evaluation word's tokens (that would train on the generality test)
+    held_out_ids = common.tokenize(pipe, info["held_out"]).flatten().tolist() if info["held_out"] else []
+    settings["banned_ids"] = frozenset(held_out_ids) - set(pipe.tokenizer.all_special_ids)
+    related, unrelated = word_lists(args, pipe, info, concept)
+    toy_prompt = info["templates"][-1].format(concept) if args.model == "toy" else None
+    prompt = args.prompt or toy_prompt or {"style": "a picture of {}", "harmful": "{}"}.get(settings["kind"], "a photo of {}").format(concept)
+    return dict(settings=settings, related=related, unrelated=unrelated, prompt=prompt,
+                f_c=concept_feature(pipe, projection, concept), adversarial=None, latent=None)
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
-    settings = concept_settings(args, info)
-    if settings["min_words"] > settings["max_words"]:
-        common.die(f"--min_words {settings['min_words']} is above --max_words {settings['max_words']}.")
+    infos = common.concept_set(args)  # one concept, or several erased together
+    common.several_concepts(infos, args, ("related", "unrelated", "prompt"))
+    info = infos[0]
+    for settings in [concept_settings(args, i) for i in infos]:
+        if settings["min_words"] > settings["max_words"]:
+            common.die(f"--min_words {settings['min_words']} is above --max_words {settings['max_words']}.")
     if args.timestep_low >= args.timestep_high:
         common.die(f"t is drawn from [--timestep_low, --timestep_high), so {args.timestep_low} must be below "
                    f"{args.timestep_high}.")
-    out = Path(args.output or f"outputs/sgrace-{info['name'].replace(' ', '_')}")
+    out = Path(args.output or f"outputs/sgrace-{common.set_name(infos)}")
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, device=args.device)
     pipe.sample_steps = args.sample_steps
@@ -530,6 +556,8 @@ def main(argv=None):
     seconds = time.time() - start
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [info["words"][0], *info["held_out"][:1], *info["near"][:1]]]
+    if len(infos) > 1 and not args.samples:  # one picture per erased concept
+        sample_prompts = [i["templates"][1].format(i["words"][0]) for i in infos]
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), text_encoder=text_encoder)
     tensors = common.changed_tensors("text_encoder", text_encoder, pipe.text_encoder)

@@ -46,9 +46,9 @@ EXPAND_TEMPLATES = {
 
 @dataclasses.dataclass
 class Args:
-    concept: str | None = None
+    concept: str | list[str] | None = None
     """concept to erase: 'nudity', 'van gogh', 'church' (SD v1.4's built-in concepts/*.json), a miniature-world
-    concept (toy), or any other concept with --kind or --concept_file"""
+    concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
     the concept file's kind); it picks the method's per-kind defaults"""
@@ -160,9 +160,9 @@ def closed_form_edit(W: torch.Tensor, erase_keys: torch.Tensor, target_values: t
 # ---------------------------------------------------------------------------------------------
 # main: one closed-form solve per attn2.to_k / attn2.to_v
 # ---------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = common.parse_args(Args, argv, limits=LIMITS)  # --lam > 0 keeps the closed form invertible
-    info = common.concept_info(args.concept, args.model, args.kind, args.concept_file)
+def concept_prompts(args, info: dict) -> tuple[list[str], str, list[str], list[str]]:
+    """One concept's words, guide, and erase / guide prompts (edit_prompts), from its kind's KIND_DEFAULTS row
+    unless --words, --guide say otherwise."""
     words = args.words or info["words"]
     defaults = KIND_DEFAULTS[info["kind"]]
     guide = args.guide if args.guide is not None else defaults["guide"]
@@ -170,8 +170,21 @@ def main(argv=None):
     if args.expand:
         templates = [t for t in info["templates"] if t != "{}"] if args.model == "toy" else \
             EXPAND_TEMPLATES[defaults["expand"]]
-    erase_prompts, guide_prompts = edit_prompts(words, guide, templates)
-    out = Path(args.output or f"outputs/uce-{info['name'].replace(' ', '_')}")
+    return (words, guide, *edit_prompts(words, guide, templates))
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, limits=LIMITS)  # --lam > 0 keeps the closed form invertible
+    infos = common.concept_set(args)  # one concept, or several erased in one solve
+    common.several_concepts(infos, args)
+    # Several concepts: their pairs are stacked into the one least-squares system of Eq. 2 (the paper's Sec. 4.1
+    # erases up to 100 artists in one edit; official --concepts 'a; b'), each with its own kind's guide/templates.
+    erase_prompts, guide_prompts, words_of, guide_of = [], [], {}, {}
+    for info in infos:
+        words_of[info["name"]], guide_of[info["name"]], erase, target = concept_prompts(args, info)
+        erase_prompts, guide_prompts = erase_prompts + erase, guide_prompts + target
+    info, words, guide = infos[0], words_of[infos[0]["name"]], guide_of[infos[0]["name"]]
+    out = Path(args.output or f"outputs/uce-{common.set_name(infos)}")
     pipe = common.load_pipeline(args.model, device=args.device)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
@@ -195,11 +208,14 @@ def main(argv=None):
             layer.weight.copy_(W_new)
     seconds = time.time() - start
 
-    print(f"erased {len(erase_keys)} token vectors ({len(erase_prompts)} prompts) towards '{guide}', preserving "
-          f"{len(preserve_keys)}, in {len(projections)} projections, {seconds:.1f} s")
+    print(f"erased {len(erase_keys)} token vectors ({len(erase_prompts)} prompts, {len(infos)} concept(s)) towards "
+          f"'{guide}', preserving {len(preserve_keys)}, in {len(projections)} projections, {seconds:.1f} s")
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
         [info["templates"][1].format(guide)] if guide.strip() else [])
+    if len(infos) > 1 and not args.samples:  # one picture per erased concept
+        sample_prompts = [i["templates"][1].format(words_of[i["name"]][0]) for i in infos]
+        words, guide = words_of, guide_of  # config.json: each concept's words and guide
     with common.phase(profile, "samples", pipe.device):
         samples = common.before_after(pipe, sample_prompts, list(range(len(sample_prompts))), unet=unet)
     tensors = common.changed_tensors("unet", unet, pipe.unet)

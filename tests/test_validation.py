@@ -147,7 +147,7 @@ def test_shared_mistakes_are_one_sentence_before_loading(name, tmp_path, capsys,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
     float_flag = next(f for f, kind in field_kinds(module).items() if kind is float)
     cases = [(["--concept", ""], "--concept is empty"),
-             (["--concept", "violence, nudity, harm"], "one concept per run"),
+             (["--concept", "violence, nudity, harm"], "repeat the flag (--concept 'violence' --concept 'nudity'"),
              (["--device", "cuda"], "--device cuda needs a CUDA GPU"),
              (["--device", "gpu"], "not a device name"),
              ([f"--{float_flag}", "nan"], f"--{float_flag} must be a finite number"),
