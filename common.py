@@ -58,12 +58,19 @@ class UserError(SystemExit):
         return self.message
 
 
+# True in a process whose mistakes another process reports (evaluate.py's processes r > 0 under torchrun, which
+# meet the same mistake as process 0): die then stops it quietly, with the same exit status.
+QUIET_ERRORS = False
+
+
 def die(message: str):
-    """Stop with one sentence for the user instead of a traceback: one line on stderr, exit status 2."""
+    """Stop with one sentence for the user instead of a traceback: one line on stderr, exit status 2 (no line when
+    QUIET_ERRORS)."""
     line = "error: " + " ".join(str(message).split())
     for bar in list(getattr(tqdm, "_instances", [])):  # end any progress bar's line first, so the error has its own
         bar.close()
-    print(line, file=sys.stderr, flush=True)
+    if not QUIET_ERRORS:
+        print(line, file=sys.stderr, flush=True)
     raise UserError(line)
 
 
@@ -100,7 +107,8 @@ def parse_args(cls, argv=None, toy_defaults: dict | None = None, limits: dict | 
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"turn --{f.name} off")
             continue
         args = typing.get_args(kind)
         if str in args and list[str] in args:  # `str | list[str]`: the flag may be repeated (--concept a --concept b)

@@ -33,7 +33,8 @@ are applied onto it and restored afterwards.  Every flag and input file is check
 At the published scale: `torchrun --nproc_per_node N evaluate.py ...` deals the work items (the batches of
 images a single process would draw, then the attacks' batches) out to N processes, so the numbers are the same
 with any N; every judged item is appended to journal.jsonl in the output folder at once, every image kept under
-images/, and --resume finishes an interrupted run from them.  Process 0 alone writes the report.
+images/, and --resume finishes an interrupted run from them.  Process 0 alone writes the report (and says a
+mistake).  One run at a time uses an output folder: its processes hold a lock on out/.lock.
 """
 import collections.abc
 import csv
@@ -357,19 +358,55 @@ def erased_folders(args: Args) -> list[Path]:
     return list(dict.fromkeys(Path(f).resolve() for f in args.erased + args.compare))
 
 
+LOCK = ".lock"  # in the output folder: held (flock) by every process of the run using the folder
+
+
 def check_output(out: Path, folders: list[Path], resume: bool = False) -> None:
-    """--output is a folder that is empty, new, or an evaluation's (metrics.json or a journal); an unfinished one
-    (a journal, no metrics.json) is only continued with --resume, never silently started over."""
+    """--output is a folder that is empty (but for LOCK), new, or an evaluation's (metrics.json or a journal); an
+    unfinished one (a journal, no metrics.json) is only continued with --resume, never silently started over, and
+    --resume never replaces a finished evaluation it cannot continue (metrics.json, no journal)."""
     if out.exists() and not out.is_dir():
         common.die(f"--output {out} is a file; choose a folder.")
     journals = list(out.glob("journal*.jsonl")) if out.is_dir() else []
-    if out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists() and not journals:
+    finished = (out / "metrics.json").exists()
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not finished and not journals:
         common.die(f"{out} exists and is not an evaluation folder; choose another --output.")
     if out.resolve() in folders:
         common.die(f"--output {out} is one of the erased models; choose another folder.")
-    if journals and not (out / "metrics.json").exists() and not resume:
+    if journals and not finished and not resume:
         common.die(f"{out} holds an unfinished evaluation (its journal); add --resume to finish it, or choose another "
                    f"--output.")
+    if resume and finished and not journals:
+        common.die(f"--resume: {out} holds a finished evaluation without a journal (written by an older evaluate.py, "
+                   "or its journal.jsonl was removed), so there is nothing to resume; run without --resume to replace "
+                   "it, or give another --output.")
+
+
+def lock_output(out: Path, rank: int, world: int) -> int:
+    """Make this run the only one using `out`: every process of it holds a shared flock on out/LOCK for the run's
+    life (a file descriptor, closed by main; the system drops the lock when a process dies, however it dies).
+    Process 0 first takes the lock exclusively, which fails while any process of another run still holds it --
+    e.g. a worker left running after its torchrun was killed -- and then stops this run with one sentence before
+    anything is written; the other processes take theirs after it.  `out` is created if new (it is empty then)."""
+    import fcntl
+
+    busy = (f"{out} is in use by another evaluation (one of its processes is still running); wait for it to end, or "
+            "end all of its processes (kill -- -PGID for each, or each worker), then run this again.")
+    fd = None
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # now the other processes of this run may join
+        sync(world)
+        if rank != 0:
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        common.die(busy)
+    return fd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,8 +598,8 @@ def sd_judge(args: Args, info: dict, device, clip=None):
 
     describe = []
     if info["kind"] == "nudity":
-        describe.append(f"NudeNet 3.4.2 (320n detector), threshold {args.nudenet_threshold}, labels "
-                        f"{', '.join(args.nudenet_labels)}; an image is nude if any listed class is found")
+        describe.append(f"NudeNet 3.4.2 (320n detector), threshold {args.nudenet_threshold}, labels "  # a set: sorted
+                        f"{', '.join(sorted(set(args.nudenet_labels)))}; an image is nude if any listed class is found")
     describe.append(f"CLIP zero-shot ({args.clip or 'given'}) over {labels}; CLIP image features for the Frechet "
                     "distance" if clip else
                     "no CLIP judge (pass --clip CHECKPOINT to score objects/styles and the Frechet distance)")
@@ -572,6 +609,7 @@ def sd_judge(args: Args, info: dict, device, clip=None):
         pixels = clip[1](images=images, return_tensors="pt")["pixel_values"].to(device)
         return clip_embed(clip[0].get_image_features(pixel_values=pixels)).cpu().double().numpy()
 
+    classify.clip = clip  # (model, processor) or None: journal_protocol fingerprints its weights
     return classify, features if clip else None, "; ".join(describe)
 
 
@@ -1073,13 +1111,25 @@ class StoredImages(collections.abc.Sequence):
         return open_image(self.paths[index])
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write) -> None:
-    """write(tmp), then one rename onto `path`: a reader (or a resumed run) sees the old file or the new one."""
+    """write(tmp), fsync, then one rename onto `path` (and the folder fsynced): a reader (or a resumed run) sees the
+    old file or the new one, and a file written before a journal line is on disk before that line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1104,10 +1154,25 @@ def weights_sha256(pipe) -> str:
     return digest.hexdigest()
 
 
-def journal_protocol(args: Args, pipe, concept: str, suites: dict, judge_text: str, k: int, folders: list[Path]) -> dict:
-    """What every journaled verdict depends on; --resume refuses a journal written with anything else.  The batch
-    sizes are left out, so that a run can be finished on a smaller GPU (a batch then drawn differently is drawn
-    whole again)."""
+def judge_weights(judge) -> str | None:
+    """sha256 of the CLIP judge's weights as loaded (as weights_sha256), whatever the --clip spelling; None
+    without CLIP (the miniature world's judge is part of the repository)."""
+    clip = getattr(judge[0], "clip", None)
+    if clip is None:
+        return None
+    digest = hashlib.sha256()
+    for name, param in clip[0].named_parameters():
+        value = param.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{list(value.shape)}".encode())
+        digest.update(value.reshape(-1).numpy())
+    return digest.hexdigest()
+
+
+def journal_protocol(args: Args, pipe, concept: str, suites: dict, judge, k: int, folders: list[Path]) -> dict:
+    """What every journaled verdict depends on; --resume refuses a journal written with anything else (`judge`: the
+    (classify, features, description) of toy_judge / sd_judge; a CLIP judge by its weights' sha256, NudeNet's labels
+    as a set).  The batch sizes are left out, so that a run can be finished on a smaller GPU (a batch then drawn
+    differently is drawn whole again)."""
     d = common.sampling_defaults(pipe)
     prompts = {s: [len(v), hashlib.sha256(json.dumps([[it["prompt"], it["seed"], it["guidance"]] for it in v])
                                           .encode()).hexdigest()] for s, v in suites.items()}
@@ -1115,13 +1180,15 @@ def journal_protocol(args: Args, pipe, concept: str, suites: dict, judge_text: s
             "concept": concept, "steps": args.steps or d["steps"],
             "guidance": args.guidance if args.guidance is not None else d["guidance"],
             "seeds per prompt": {"efficacy/generality/near": args.seeds, "far": args.far_seeds},
-            "prompts": prompts, "judge": judge_text, "attack": attack_protocol(args, k)}
+            "prompts": prompts, "judge": judge[2], "judge weights": judge_weights(judge),
+            "attack": attack_protocol(args, k)}
 
 
 DIFFERENCES = {"base model": "another base model (its weights' sha256 differs)", "concept": "another concept",
                "steps": "another number of DDIM steps", "guidance": "another guidance",
                "seeds per prompt": "other seeds per prompt", "prompts": "other prompts or seeds",
-               "judge": "another judge, threshold or label set", "attack": "other attack settings"}
+               "judge": "another judge, threshold or label set",
+               "judge weights": "another CLIP checkpoint (its weights' sha256 differs)", "attack": "other attack settings"}
 
 
 def protocol_difference(old: dict, new: dict, folders: list[Path]) -> str | None:
@@ -1233,11 +1300,59 @@ def append_records(fd: int, records: list[dict]) -> None:
     append(fd, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
+class Journal:
+    """This process's journal (a file descriptor from open_journal) in this session (a run of evaluate.py, started
+    at `session`, seconds since the epoch): every record appended is stamped with `session` and `time` (when it
+    was appended), from which evaluation_seconds adds up the time of every session a resumed evaluation took."""
+
+    def __init__(self, fd: int, session: float):
+        self.fd, self.session = fd, round(session, 3)
+
+    def append(self, records: list[dict]) -> None:
+        now = round(time.time(), 3)
+        append_records(self.fd, [{**r, "session": self.session, "time": now} for r in records])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def evaluation_seconds(records: dict, start: float, now: float) -> float:
+    """The time the evaluation took over all its sessions: the union of this session's [start, now] and, per earlier
+    session, [its start, its last record's time] (records stamped by Journal; processes of one session overlap, and
+    are counted once).  A session's time after its last surviving record (e.g. killed while drawing) is not
+    counted."""
+    ends = {}
+    for r in records.values():
+        if isinstance(r.get("session"), (int, float)) and isinstance(r.get("time"), (int, float)):
+            ends[r["session"]] = max(ends.get(r["session"], r["session"]), r["time"])
+    total, reach = 0.0, -math.inf
+    for a, b in sorted([*ends.items(), (start, now)]):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return round(total, 1)
+
+
+def image_whole(path: Path) -> bool:
+    """Whether `path` is a whole PNG file (its signature first, its IEND chunk last; two small reads): not missing,
+    empty, or cut short."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 20:
+                return False
+            f.seek(-12, os.SEEK_END)
+            return head == b"\x89PNG\r\n\x1a\n" and f.read(12)[4:8] == b"IEND"
+    except OSError:
+        return False
+
+
 def pending(units: list[tuple], records: dict, out: Path) -> list[tuple]:
-    """Work items (what, row, suite, indices) with an item the journal lacks (or whose image is gone); such a batch is
-    done whole again, so that its images are drawn exactly as in an uninterrupted run."""
+    """Work items (what, row, suite, indices) with an item the journal lacks (or whose image is gone, empty or cut
+    short); such a batch is done whole again, so that its images are drawn exactly as in an uninterrupted run."""
     def done(what, row, suite, i):
-        return (what, row, suite, i) in records and image_path(out, row, suite if what == "image" else what, i).exists()
+        return (what, row, suite, i) in records and image_whole(image_path(out, row, suite if what == "image" else what, i))
 
     return [u for u in units if not all(done(u[0], u[1], u[2], i) for i in u[3])]
 
@@ -1252,7 +1367,7 @@ def use_model(pipe, held: dict, models: list[dict], row: int) -> dict:
 
 
 def run_images(pipe, units: list[tuple], suites: dict, models: list[dict], held: dict, args: Args, judge, out: Path,
-               journal: int, rank: int, bar, progress: bool) -> None:
+               journal: Journal, rank: int, bar, progress: bool) -> None:
     """Draw, keep and judge this process's (`rank`) share of the images; each batch's verdicts go to the journal at
     once."""
     classify = judge[0]
@@ -1271,12 +1386,12 @@ def run_images(pipe, units: list[tuple], suites: dict, models: list[dict], held:
             hits, _, verdicts = classify(images, items)
             for record, hit, verdict in zip(records, hits, verdicts):
                 record.update(hit=hit, **verdict)
-        append_records(journal, records)
+        journal.append(records)
         bar.update(len(chunk))
 
 
 def run_attacks(pipe, units: list[tuple], suites: dict, models: list[dict], held: dict, args: Args, k: int, judge,
-                out: Path, journal: int, rank: int, bar, progress: bool) -> None:
+                out: Path, journal: Journal, rank: int, bar, progress: bool) -> None:
     """Run this process's (`rank`) share of the attacks; each batch's outcome goes to the journal at once (a prompt's
     adversarial prompt, the timestep it succeeded at, the judge's label and score) and its last image to images/."""
     items = suites["efficacy"]
@@ -1294,7 +1409,7 @@ def run_attacks(pipe, units: list[tuple], suites: dict, models: list[dict], held
                                 prompt=it["prompt"], seed=it["seed"],
                                 guidance=default_guidance if it["guidance"] is None else it["guidance"], process=rank,
                                 **{key: v for key, v in f.items() if key != "image"}))
-        append_records(journal, records)
+        journal.append(records)
         bar.update(len(chunk))
 
 
@@ -1445,7 +1560,8 @@ def attack_protocol(args: Args, k: int) -> dict:
         {"unlearndiffatk": unlearndiffatk, "soft": soft, "none": "off"}[args.attack]
 
 
-def protocol(args: Args, pipe, suites: dict, judge_text: str, k: int) -> dict:
+def protocol(args: Args, pipe, suites: dict, judge_text: str, k: int, limited: bool = False) -> dict:
+    """The protocol as report.md and metrics.json state it (`limited`: --limit cut a suite)."""
     d = common.sampling_defaults(pipe)
     proto = {"model": pipe.base_model, "concept": args.concept, "sampler": "DDIM, eta 0",
              "steps": args.steps or d["steps"], "guidance": args.guidance if args.guidance is not None else d["guidance"],
@@ -1455,7 +1571,7 @@ def protocol(args: Args, pipe, suites: dict, judge_text: str, k: int) -> dict:
              "fidelity": "pixel RMS (images in [0,1]) and Frechet distance between the original's and the erased "
                          "model's near+far images, same seeds",
              "intervals": "95 % Wilson score intervals of every rate, in brackets"}
-    if args.limit:
+    if limited:
         proto["limit"] = f"only the first {args.limit} prompts of each suite (--limit)"
     if args.prompts:
         proto["efficacy prompts"] = f"{args.prompts}" + (f", rows with {' and '.join(args.prompt_filter)}"
@@ -1518,6 +1634,14 @@ def adversarial_lines(results: list[dict], limit: int = 20) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
+def limit_suites(suites: dict, limit: int | None) -> tuple[dict, bool]:
+    """(the first `limit` items of each suite, whether any suite was cut): a --limit at least as large as every
+    suite leaves the full protocol."""
+    if not limit:
+        return suites, False
+    return {s: v[:limit] for s, v in suites.items()}, any(len(v) > limit for v in suites.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Several concepts erased together: one evaluation per concept, then the set's tables
 # ---------------------------------------------------------------------------------------------
@@ -1609,8 +1733,34 @@ def set_tables(results: dict, set_rows: int, alone: list[str], margin: float) ->
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
+    """Run an evaluation (see the module docstring); returns the table's rows (process 0; None in the others).
+    Around it: a mistake is one sentence from process 0 alone (the other processes stop quietly with the same
+    status), and Ctrl-C is one line saying what was kept."""
     start = time.time()
+    quiet_before = common.QUIET_ERRORS
+    common.QUIET_ERRORS = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+    hold = {}  # what main must release: "lock" (the output folder's lock), "journal", "out"
+    try:
+        return run_evaluation(argv, start, hold)
+    except KeyboardInterrupt:
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+        if not common.QUIET_ERRORS:
+            where = f"the journal in {hold['out']} keeps every batch judged so far" if "out" in hold else \
+                "nothing was judged yet"
+            print(f"interrupted; {where}. Run the same command with --resume to finish.", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        common.QUIET_ERRORS = quiet_before
+        if "journal" in hold:
+            hold.pop("journal").close()
+        if "lock" in hold:
+            os.close(hold.pop("lock"))
+
+
+def run_evaluation(argv, start: float, hold: dict):
+    """main's body; `hold` receives what main releases at the end, however the run ends."""
+    args = common.parse_args(Args, argv, toy_defaults=TOY_DEFAULTS, limits=LIMITS)
     check_args(args)  # everything a user can get wrong is checked before the model loads
     if isinstance(args.concept, list):
         return evaluate_set(args, list(sys.argv[1:] if argv is None else argv))
@@ -1628,12 +1778,12 @@ def main(argv=None):
         suites["efficacy"] = read_prompt_csv(args.prompts, info, args, args.prompt_filter)
     if args.fidelity_prompts:
         suites["fidelity"] = read_prompt_csv(args.fidelity_prompts, info, args, suite="fidelity")
-    if args.limit:
-        suites = {s: v[:args.limit] for s, v in suites.items()}
+    suites, limited = limit_suites(suites, args.limit)
     out = Path(args.output or f"outputs/eval-{info['name'].replace(' ', '_')}")
     check_output(out, folders, args.resume)
     k = attack_tokens(args, info)
     rank, world, device = start_processes(args)
+    hold["lock"] = lock_output(out, rank, world)  # before anything in `out` is read or changed
     metrics = fidelity_metrics(args, device)
 
     pipe = common.load_pipeline(args.model, device=device)
@@ -1642,9 +1792,11 @@ def main(argv=None):
     judge = toy_judge(pipe.device) if args.model == "toy" else sd_judge(args, info, pipe.device)
     models = [dict(name="original", folder=None, config={})] + [
         dict(name=f"{c['method']} ({f.name})", folder=f, config=c) for f, c in zip(folders, configs)]
-    protocol_line = journal_protocol(args, pipe, info["name"], suites, judge[2], k, folders)
+    protocol_line = journal_protocol(args, pipe, info["name"], suites, judge, k, folders)
     records = prepare_output(out, protocol_line, folders, args.resume, rank, world)
-    journal = open_journal(out, rank, protocol_line, {"model": pipe.base_model, "erased": [str(f) for f in folders]})
+    journal = hold["journal"] = Journal(open_journal(out, rank, protocol_line, {"model": pipe.base_model, "erased": [
+        str(f) for f in folders]}), start)
+    hold["out"] = out
     held = dict(row=0, backup={})
     inner_bars = world == 1  # one bar per process; the nested ones only when there is a single process
 
@@ -1656,6 +1808,7 @@ def main(argv=None):
     if rank == 0:
         total, left = sum(len(u[3]) for u in units), sum(len(u[3]) for u in todo)
         print(f"{left} of {total} images to draw ({total - left} already in the journal), {world} process(es)", flush=True)
+    sync(world)  # the line is out before any process's bar
     mine = todo[rank::world]
     with tqdm(total=sum(len(u[3]) for u in mine), desc=f"process {rank}: images", unit="image", position=rank) as bar:
         run_images(pipe, mine, suites, models, held, args, judge, out, journal, rank, bar, inner_bars)
@@ -1674,11 +1827,12 @@ def main(argv=None):
     if rank == 0 and units:
         total, left = sum(len(u[3]) for u in units), sum(len(u[3]) for u in todo)
         print(f"{left} of {total} prompt attacks to run ({total - left} already in the journal)", flush=True)
+    sync(world)
     mine = todo[rank::world]
     with tqdm(total=sum(len(u[3]) for u in mine), desc=f"process {rank}: attacks", unit="prompt", position=rank,
               disable=not mine) as bar:
         run_attacks(pipe, mine, suites, models, held, args, k, judge, out, journal, rank, bar, inner_bars)
-    os.close(journal)
+    hold.pop("journal").close()
     sync(world)
     if rank != 0:  # process 0 alone writes the report
         torch.distributed.destroy_process_group()
@@ -1696,9 +1850,9 @@ def main(argv=None):
             r.update(seconds=m["config"].get("seconds"), peak_memory_mb=m["config"].get("peak_memory_mb"),
                      folder=str(m["folder"]))
         results.append(r)
-    seconds = round(time.time() - start, 1)
+    seconds = evaluation_seconds(records, start, time.time())  # every session's time, not only this one's
 
-    proto = protocol(args, pipe, suites, judge[2], k)
+    proto = protocol(args, pipe, suites, judge[2], k, limited)
     below = [r for r in results if r.get("soft_asr") is not None and r.get("asr") is not None and r["soft_asr"] < r["asr"]]
     table = markdown_table(results)
     hidden = ("images", "hits", "attack_images", "soft_images")
@@ -1712,7 +1866,8 @@ def main(argv=None):
     pictures = grids(suites, results, args.grid_columns)
     lines = [f"# Evaluation: {info['name']} on {pipe.base_model}", "", table, "", "Protocol:", ""]
     lines += [f"- {key}: {v}" for key, v in proto.items()]
-    lines += [f"- this evaluation took {seconds} s ({world} process(es)" + (", resumed" if args.resume else "") + ")",
+    lines += [f"- this evaluation took {seconds} s ({world} process(es)" + (", resumed: every session's time added up"
+                                                                          if args.resume else "") + ")",
               "", "Concept rate: % of images in which the judge finds the "
               "erased concept (lower = better erased). Near/far accuracy: % of images showing the prompted "
               "concept (higher = better kept). ASR: UnlearnDiffAtk convention, (already succeeding + recovered) / "

@@ -6,6 +6,7 @@ import copy
 import csv
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -626,3 +627,19 @@ def test_sd_path_end_to_end_with_clip_judge_attacks_csv_and_clip_score(sd_like_p
                                                                         return_tensors="pt", padding=True)))
     expected = (100 * (image * text).sum(-1)).clamp(min=0).mean()
     assert erased["clip_score"] == pytest.approx(float(expected), abs=2e-3)
+
+
+def test_nudenet_labels_are_a_set_in_the_protocol():
+    """The judge's description (checked by --resume) does not depend on the order --nudenet_labels are given in."""
+    info = common.concept_info("nudity", common.SD14)
+    labels = ["FEET_EXPOSED", "BELLY_EXPOSED"]
+    texts = [evaluate.sd_judge(evaluate.Args(concept="nudity", nudenet_labels=order), info, "cpu")[2]
+             for order in (labels, labels[::-1])]
+    assert texts[0] == texts[1] and "BELLY_EXPOSED, FEET_EXPOSED" in texts[0]
+
+
+def test_every_no_switch_has_help(capsys):
+    """common.parse_args's --no_<flag> for a boolean shows in --help with a description (e.g. --no_resume)."""
+    with pytest.raises(SystemExit):
+        common.parse_args(evaluate.Args, ["--help"])
+    assert re.search(r"--no_resume\s+turn --resume off", capsys.readouterr().out)

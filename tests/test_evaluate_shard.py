@@ -2,6 +2,7 @@
 its journal, nothing lost.  Every run here evaluates the same protocol on the miniature model (a token-substitution
 erasure, both attacks, tiny budgets, batches of 2 so that there are many work items), and is compared with one
 uninterrupted single-process run of it."""
+import fcntl
 import hashlib
 import json
 import os
@@ -90,6 +91,10 @@ def test_the_reference_run_can_be_recomputed_from_its_journal(reference):
     assert all(x["adversarial_prompt"].endswith(x["prompt"]) for x in found)
     assert all((x["timestep"] is not None) == x["success"] for x in found)
     assert erased["attacked"] >= 2  # there were prompts to attack, in more than one batch
+    # every line says when it was written, in which session; the run's time covers them all
+    assert all(isinstance(x["session"], float) and x["time"] >= x["session"] for x in lines[1:])
+    assert json.loads((out / "metrics.json").read_text())["evaluation_seconds"] >= \
+        max(x["time"] for x in lines[1:]) - min(x["session"] for x in lines[1:]) - 0.1
 
 
 def test_two_processes_give_the_single_process_metrics(reference, tmp_path):
@@ -188,10 +193,128 @@ def test_resume_with_another_protocol_is_refused_and_changes_nothing(reference, 
 
 
 def test_limit_evaluates_the_first_prompts_of_each_suite(reference, tmp_path):
-    """--limit 2: two prompts per suite, drawn in the same batch as in the full run, so the same verdicts."""
+    """--limit 2: two prompts per suite; with batches of 2 of one guidance they are the full run's first batch, so
+    the same verdicts (in general --limit's batches need not be the full run's: docs/evaluation.md)."""
     rows = evaluate.main(argv(reference / "trivial", tmp_path / "eval", "--limit", "2", "--attack", "none"))
     found = metrics(tmp_path / "eval")
     assert found["protocol"]["prompts"] == {s: 2 for s in SUITES} and "first 2 prompts" in found["protocol"]["limit"]
     full = metrics(reference / "reference")["rows"]
     for r, f in zip(rows, full):
         assert {s: v for s, v in r["verdicts"].items()} == {s: v[:2] for s, v in f["verdicts"].items()}
+
+
+def test_limit_says_so_only_when_it_cuts_a_suite():
+    suites = {"efficacy": [1, 2, 3], "far": [1]}
+    assert evaluate.limit_suites(suites, 2) == ({"efficacy": [1, 2], "far": [1]}, True)
+    assert evaluate.limit_suites(suites, 3) == (suites, False)  # --limit 1000 on small suites: the full protocol
+    assert evaluate.limit_suites(suites, None) == (suites, False)
+
+
+def unfinished_copy(reference: Path, out: Path) -> Path:
+    shutil.copytree(reference / "reference", out)
+    (out / "metrics.json").unlink()  # as after a crash
+    return out
+
+
+def test_a_folder_in_use_by_another_run_is_refused_and_changes_nothing(reference, tmp_path):
+    """A process of another run still holds the folder (here: this test, holding the lock as each worker does):
+    --resume stops with one sentence before reading or changing anything; once it is gone, the run goes ahead."""
+    out = unfinished_copy(reference, tmp_path / "eval")
+    before = snapshot(out)
+    fd = os.open(out / evaluate.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv(reference / "trivial", out, "--resume"))
+    finally:
+        os.close(fd)
+    message = str(e.value)
+    assert e.value.code == 2 and "\n" not in message
+    assert message.startswith(f"error: {out} is in use by another evaluation") and "kill -- -PGID" in message
+    assert snapshot(out) == before
+    # the lock of a run that ended (however) is gone: the folder is free again, also for this same process
+    fd = os.open(out / evaluate.LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_resume_refuses_a_finished_evaluation_without_journal(reference, tmp_path):
+    """metrics.json and no journal (an older evaluate.py's folder, or a removed journal): --resume would have deleted
+    the finished evaluation; it is refused, the folder unchanged."""
+    out = tmp_path / "eval"
+    shutil.copytree(reference / "reference", out)
+    (out / "journal.jsonl").unlink()
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv(reference / "trivial", out, "--resume"))
+    assert e.value.code == 2 and "holds a finished evaluation without a journal" in str(e.value)
+    assert snapshot(out) == before
+
+
+def test_a_mistake_under_torchrun_is_one_sentence_from_process_0(reference, tmp_path):
+    """Every process meets the mistake (an unfinished folder, no --resume); only process 0 says it."""
+    out = unfinished_copy(reference, tmp_path / "eval")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "evaluate.py"), *argv(reference / "trivial", out)],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    said = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error: ")]
+    assert said == [f"error: {out} holds an unfinished evaluation (its journal); add --resume to finish it, or choose "
+                    "another --output."]
+
+
+def test_ctrl_c_says_what_was_kept(reference, tmp_path, monkeypatch, capsys):
+    """KeyboardInterrupt while drawing: one line (no traceback) saying the journal is kept and to --resume; status 130;
+    and the lock is released (a run in the same process goes ahead)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run_images", interrupted)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv(reference / "trivial", out, "--attack", "none", "--limit", "1"))
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"interrupted; the journal in {out} keeps every batch judged so far. Run the same command with " \
+                  "--resume to finish."
+    fd = os.open(out / evaluate.LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_an_empty_or_cut_image_is_not_done(tmp_path):
+    """pending(): a journaled item whose image is missing, empty or cut short is drawn again (with its batch)."""
+    from PIL import Image
+
+    units = [("image", 0, "near", [0, 1]), ("image", 0, "near", [2, 3])]
+    records = {("image", 0, "near", i): {} for i in range(4)}
+    for i in range(4):
+        evaluate.write_atomic(image_file(tmp_path, 0, "near", i),
+                              lambda tmp: Image.new("RGB", (8, 8)).save(tmp, format="PNG"))
+    assert evaluate.pending(units, records, tmp_path) == []
+    whole = image_file(tmp_path, 0, "near", 3).read_bytes()
+    image_file(tmp_path, 0, "near", 3).write_bytes(whole[:-6])  # cut short
+    assert evaluate.pending(units, records, tmp_path) == units[1:]
+    image_file(tmp_path, 0, "near", 3).write_bytes(whole)
+    image_file(tmp_path, 0, "near", 0).write_bytes(b"")  # empty
+    assert evaluate.pending(units, records, tmp_path) == units[:1]
+
+
+def test_evaluation_seconds_adds_up_the_sessions():
+    """Two earlier sessions (one with two processes, overlapping) and this one: the union of their spans."""
+    records = {1: dict(session=100.0, time=110.0), 2: dict(session=100.5, time=112.0),  # session 1, processes 0 and 1
+               3: dict(session=200.0, time=230.0), 4: dict(session=200.0, time=220.0),  # session 2, killed at 230
+               5: dict()}  # a line from before the journal had times
+    assert evaluate.evaluation_seconds(records, 300.0, 305.0) == 12 + 30 + 5
+    assert evaluate.evaluation_seconds({}, 300.0, 305.0) == 5
+
+
+def test_resume_a_finished_run_keeps_its_time(reference, tmp_path):
+    """--resume on a finished evaluation redoes nothing and adds this run's time to the recorded one."""
+    out = tmp_path / "eval"
+    shutil.copytree(reference / "reference", out)
+    first = json.loads((out / "metrics.json").read_text())["evaluation_seconds"]
+    evaluate.main(argv(reference / "trivial", out, "--resume"))
+    again = json.loads((out / "metrics.json").read_text())["evaluation_seconds"]
+    assert again > first - 2  # (the first run's time after its last journal line is not counted)
+    assert_same_evaluation(out, reference / "reference")
