@@ -270,7 +270,7 @@ def main(argv=None):
     seconds = time.time() - start  # the erasure itself, not the before/after pictures
     sample_prompts = args.samples or [info["templates"][1].format(w) for w in
                                       [words[0], *info["held_out"][:1], *info["near"][:1]]] + (
-        [info["templates"][1].format(anchor_of[info["name"]])] if anchor_of[info["name"]].strip() else [])
+        [anchor_of[info["name"]]] if anchor_of[info["name"]].strip() else [])  # the anchor prompt as it is
     if len(infos) > 1 and not args.samples:  # one picture per erased concept
         sample_prompts = [i["templates"][1].format(words_of[i["name"]][0]) for i in infos]
         words = words_of  # config.json: each concept's words
