@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,54 @@ SD_CUTS = {"esd": ["--iterations", "2", "--ddim_steps", "2"],
            # one round with 2 of its 10 attack steps (a full round at SD size is ~20 min on a CPU); random SD has
            # no CLIP text projection to load (a 768 x 768 matrix: 2.4 MB)
            "sgrace": ["--rounds", "1", "--attack_steps", "2", "--latent_steps", "2", "--projection", "none"]}
+# --precisions half+: half precision plus the method's documented memory flags (issue 14's 16 GB card), for the
+# methods that have one; a method without one gets no such row.
+SD_MEMORY_FLAGS = {"esd": ["--optimizer_in_backward"]}
+# What each method doc's measured-memory section says under its table (docs/<method>.md, sd-memory).
+SD_DOC_NOTES = {
+    'esd': (
+        "ESD-u (nudity's default) trains every U-Net weight outside cross-attention with Adam: its fp32 "
+        'weights, gradients and two Adam moments take ~13 GiB whatever `--mixed_precision` says, which is why '
+        "it is the largest. `--optimizer_in_backward` steps each parameter's Adam as soon as its gradient is "
+        'ready and frees it, so the 3.4 GB of gradients never exist at once (the same update; row `bf16+`). '
+        "`--gradient_checkpointing` trades ~30 % more time for the trained U-Net's activations. Beyond that, "
+        "an 8-bit Adam (bitsandbytes, as diffusers' training examples offer with `--use_8bit_adam`) would "
+        "save ~5 GiB of Adam state; ESD-x (`--train_method xattn`, the paper's choice for styles) trains 2 % "
+        'of the weights. Gradients and Adam state are released before samples.png is drawn '
+        '(`common.release`).'
+    ),
+    'uce': (
+        'UCE edits in closed form (no gradients): its memory is one fp32 copy of the U-Net beside the frozen '
+        'one, and the pictures.'
+    ),
+    'sage': (
+        "The paper's defaults put up to 3 erase rows and 6 local-retention rows through the frozen U-Net with "
+        'gradients w.r.t. the text context. They go through in chunks of `--unet_batch` rows (4 by default) '
+        'and the gradient w.r.t. the context is accumulated over chunks, then pushed through the text encoder '
+        "once (`unet_loss`, `common.rowwise_backward`); Eq. 6's gradient is taken as soon as its loss is "
+        "computed, so the text encoder's graph for 128 prompts is freed before Eq. 7's rows. Same gradient as "
+        'one pass (tests/test_memory.py).'
+    ),
+    'realera': (
+        "RealEra's closed form runs in fp32 on a copy of the U-Net; its LoRA stage trains rank-1 adapters "
+        'only (a few MB of Adam state), so its memory is the two U-Nets, the cached trajectories and the '
+        'pictures.'
+    ),
+    'domain_correction': (
+        'The official code sends 8 forget and 8 prior rows through the trained U-Net with both graphs alive '
+        '(~30 GB). Here the rows go in chunks of `--unet_batch` (4): the unlearning gradient is taken first '
+        "(its graph freed before the retain graph is built); since the discriminator's BatchNorm couples the "
+        'rows, dL/d eps is taken on the whole batch and pushed back through the U-Net chunk by chunk, which '
+        "recomputes the trained U-Net's forward pass once per generator step (`unlearning_gradient`, "
+        '`retain_gradient`; same gradients as one pass: tests/test_memory.py). Anchor images are drawn 8 at a '
+        'time and decoded one at a time.'
+    ),
+    'sgrace': (
+        'S-GRACE trains the text encoder only; its attack sends the K = 8 adversarial samples through the '
+        'frozen U-Net in chunks of `--unet_batch` (4). The measured iteration is one round with 2 of its 10 '
+        'attack steps (a full round is ~5x the attack part measured here).'
+    ),
+}
 SD_SECTION = ("<!-- sd-scale: written by `python benchmark.py --scale sd` -->", "<!-- /sd-scale -->")
 
 
@@ -77,9 +126,10 @@ class Args:
     """--scale sd: the full-size pipeline (python sdscale.py --output outputs/sd14-random builds one)"""
     concept: str = "nudity"
     """--scale sd: the concept every method erases"""
-    precisions: list[str] = dataclasses.field(default_factory=lambda: ["no", "half"])
+    precisions: list[str] = dataclasses.field(default_factory=lambda: ["no", "half", "half+"])
     """--scale sd: --mixed_precision values to run; 'half' means fp16 on a GPU and bf16 on a CPU (whose fp16
-    kernels are ~200x slower; bf16 tensors take the same memory)"""
+    kernels are ~200x slower; bf16 tensors take the same memory); 'half+' adds the method's memory flags
+    (SD_MEMORY_FLAGS: ESD's --optimizer_in_backward), for the methods that have one"""
     device: str | None = None
     """--scale sd: 'cuda' or 'cpu' (default: cuda when available)"""
     table_only: bool = False
@@ -130,8 +180,8 @@ def machine(threads: int = 1) -> str:
 def sd_run(method: str, args, precision: str, folder: Path) -> dict:
     """One method on the full-size model in its own process; its profile (config.json) or how it died."""
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--model", args.model, "--concept", args.concept,
-           "--output", str(folder.resolve()), "--mixed_precision", precision, "--sample_steps", "2",
-           "--device", args.device, *SD_CUTS[method]]
+           "--output", str(folder.resolve()), "--mixed_precision", precision.rstrip("+"), "--sample_steps", "2",
+           "--device", args.device, *SD_CUTS[method], *(SD_MEMORY_FLAGS[method] if precision.endswith("+") else [])]
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     row = dict(method=method, precision=precision, command=" ".join(cmd[1:]), returncode=done.returncode,
@@ -186,6 +236,55 @@ def write_section(results: Path, body: str):
     tmp.replace(results)
 
 
+def write_doc_sections(rows: list[dict], docs: Path, model: str):
+    """Each method doc's "Memory and cost on SD v1.4 (measured)" section (between its sd-memory markers, before
+    "## The miniature model" if it has none yet), from the journal rows; docs without a file are skipped."""
+    def per_iteration(r):
+        times = r["profile"].get("iteration_seconds", [])
+        return sum(times[1:] or times) / len(times[1:] or times) if times else None
+
+    by = {(r["method"], r["precision"]): r for r in rows if "profile" in r}
+    labels = {"no": "fp32", "bf16": "`--mixed_precision bf16` (CPU stand-in for fp16)", "fp16": "`--mixed_precision fp16`"}
+    for method in METHODS:
+        path = docs / f"{method}.md"
+        if not path.exists():
+            continue
+        have = [(p, by[(method, p)]) for p in ("no", "fp16", "bf16", "fp16+", "bf16+") if (method, p) in by]
+        lines = ["<!-- sd-memory: measured by `python benchmark.py --scale sd`; RESULTS.md has the whole table -->",
+                 "## Memory and cost on SD v1.4 (measured)", ""]
+        if not have:
+            lines.append("Not measured yet: run `python benchmark.py --scale sd` (RESULTS.md).")
+        else:
+            lines += [f"On a full-size SD v1.4 (`python sdscale.py --output {model}`: SD v1.4's configs, random "
+                      f"weights), concept nudity, defaults except the iteration count and sampling steps, on "
+                      f"{have[-1][1]['machine']} ({have[-1][1]['date']}; peak memory in GiB, as in RESULTS.md):", "",
+                      "| precision | caching | training | samples.png | peak | s / iteration | × ESD | code |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for p, r in have:
+                phases = {k: v["peak_memory_mb"] / 1024 for k, v in r["profile"].items() if isinstance(v, dict)}
+                caching = max([v for k, v in phases.items() if k not in ("training", "samples")], default=None)
+                esd, s_it = by.get(("esd", p)), per_iteration(r)
+                ratio = f"{s_it / per_iteration(esd):.2f}" if s_it and esd and per_iteration(esd) else "–"
+                gb = lambda v: f"{v:.1f}" if v is not None else "–"  # noqa: E731
+                label = labels.get(p) or f"{labels[p.rstrip('+')]} + `{' '.join(SD_MEMORY_FLAGS.get(method, []))}`"
+                lines.append(f"| {label} | {gb(caching)} | {gb(phases.get('training'))} | {gb(phases.get('samples'))} | "
+                             f"**{r['peak_memory_mb'] / 1024:.1f}** | {gb(s_it)} | {ratio} | {r.get('code', '')} |")
+            missing = [p for p in ("no", "bf16") if not any(q.startswith(p) or (p == "bf16" and q.startswith("fp16"))
+                                                            for q, _ in have)]
+            if missing:
+                lines += ["", f"Not yet measured: {', '.join({'no': 'fp32', 'bf16': 'half precision'}[p] for p in missing)}."]
+        lines += ["", SD_DOC_NOTES[method], "<!-- /sd-memory -->", ""]
+        block, text = "\n".join(lines), path.read_text()
+        if "<!-- sd-memory" in text:
+            text = re.sub(r"<!-- sd-memory.*?<!-- /sd-memory -->\n\n?", lambda _: block + "\n", text, flags=re.S)
+        else:
+            i = text.index("## The miniature model")
+            text = text[:i] + block + "\n" + text[i:]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
 def git_commit() -> str:
     """The checkout's commit (and '+' if it has uncommitted changes), or '' outside git."""
     try:
@@ -200,20 +299,22 @@ def git_commit() -> str:
 def sd_scale(args):
     import torch
 
-    if not (Path(args.model) / "model_index.json").exists():
+    if not args.table_only and not (Path(args.model) / "model_index.json").exists():
         common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
     args.device = args.device or common.default_device()
     half = "fp16" if args.device.startswith("cuda") else "bf16"
-    precisions = [half if p == "half" else p for p in args.precisions]
-    bad = [p for p in precisions if p not in common.HALF]
+    precisions = [p.replace("half", half) for p in args.precisions]
+    bad = [p for p in precisions if p.rstrip("+") not in common.HALF or p == "no+"]
     if bad:
-        common.die(f"--precisions takes no, half, fp16 or bf16, not '{bad[0]}'.")
+        common.die(f"--precisions takes no, half, fp16, bf16, half+, fp16+ or bf16+, not '{bad[0]}'.")
     work = Path(args.output) / "outputs" / "benchmark-sd"
     work.mkdir(parents=True, exist_ok=True)
     journal = work / "runs.jsonl"
     done = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
     for precision in [] if args.table_only else precisions:
         for method in args.methods:
+            if precision.endswith("+") and method not in SD_MEMORY_FLAGS:
+                continue  # no memory flag to add
             if args.reuse and any(r["method"] == method and r["precision"] == precision for r in done):
                 continue
             row = sd_run(method, args, precision, work / f"{method}-{precision}")
@@ -226,7 +327,7 @@ def sd_scale(args):
                   f"{row['process_seconds']} s", flush=True)
     if not done:
         common.die(f"{journal} holds no run yet; run without --table_only first.")
-    order = {(m, p): i for i, (p, m) in enumerate((p, m) for p in ("no", "fp16", "bf16") for m in METHODS)}
+    order = {(m, p): i for i, (p, m) in enumerate((p, m) for p in ("no", "fp16", "bf16", "fp16+", "bf16+") for m in METHODS)}
     rows = sorted(done, key=lambda r: order.get((r["method"], r["precision"]), 99))
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "process peak resident memory (VmHWM)"
     body = "\n".join([
@@ -242,17 +343,19 @@ def sd_scale(args):
         "discriminator's warm-up; S-GRACE: one round, here 2 of its 10 attack steps + 50 erasure steps; UCE "
         "has no iterations); × ESD: relative to ESD's iteration at the same precision in the same run. `bf16` "
         "on a CPU stands for `--mixed_precision fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels "
-        "are ~200x slower, so fp16 cannot be timed there). code: the commit a row ran at (`git log` tells what "
+        "are ~200x slower, so fp16 cannot be timed there); `bf16+` (`fp16+`): the same with the method's memory "
+        f"flags ({'; '.join(f'{m}: ' + ' '.join(f) for m, f in SD_MEMORY_FLAGS.items())}). code: the commit a row ran at (`git log` tells what "
         "changed since; rows at 8dcae0d predate three changes that only lower peaks: optimizer state released "
         "before samples.png, one image per VAE decode at SD size, SAGE's Eq. 6 gradient taken at once).", "",
         sd_table(rows), ""])
     write_section(Path(args.output) / "RESULTS.md", body)
-    print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} ({journal})")
+    write_doc_sections(rows, Path(args.output) / "docs", args.model)
+    print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} and docs/<method>.md ({journal})")
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv, limits=dict(methods=tuple(METHODS), concepts="non-empty", output="non-empty",
-                                                     scale=("toy", "sd"), precisions=("no", "half", "fp16", "bf16")))
+                                                     scale=("toy", "sd"), precisions=("no", "half", "fp16", "bf16", "half+", "fp16+", "bf16+")))
     if not args.methods or not args.concepts:
         common.die("--methods and --concepts need at least one entry each.")
     if any(p.exists() and not p.is_dir() for p in [Path(args.output), *Path(args.output).parents]):
