@@ -24,7 +24,7 @@ def erased(tmp_path_factory):
     one of the tensors UCE changes perturbed ('other/'): other weights, the same architecture."""
     root = tmp_path_factory.mktemp("fingerprint")
     shutil.copytree(common.TOY_DIR, root / "base")
-    uce.main(["--model", str(root / "base"), "--concept", "circle", "--output", str(root / "uce"),
+    uce.main(["--model", str(root / "base"), "--concept", "circle", "--kind", "object", "--output", str(root / "uce"),
               "--samples", "a circle", "--device", "cpu"])
     shutil.copytree(root / "base", root / "other")
     unet_file = root / "other" / "unet" / "diffusion_pytorch_model.safetensors"
