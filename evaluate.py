@@ -1739,7 +1739,7 @@ def main(argv=None):
     start = time.time()
     quiet_before = common.QUIET_ERRORS
     common.QUIET_ERRORS = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
-    hold = {}  # what main must release: "lock" (the output folder's lock), "journal", "out"
+    hold = {}  # what main must release: "lock" (the output folder's lock), "journal", "out", "created"
     try:
         return run_evaluation(argv, start, hold)
     except KeyboardInterrupt:
@@ -1756,6 +1756,10 @@ def main(argv=None):
             hold.pop("journal").close()
         if "lock" in hold:
             os.close(hold.pop("lock"))
+        created = hold.get("created")
+        if created is not None and created.is_dir() and [p.name for p in created.iterdir()] == [LOCK]:
+            (created / LOCK).unlink()  # a mistake found after the lock (e.g. an erasure of another base):
+            created.rmdir()            # the folder this run made is left as it was, absent
 
 
 def run_evaluation(argv, start: float, hold: dict):
@@ -1783,6 +1787,8 @@ def run_evaluation(argv, start: float, hold: dict):
     check_output(out, folders, args.resume)
     k = attack_tokens(args, info)
     rank, world, device = start_processes(args)
+    if rank == 0 and not out.exists():
+        hold["created"] = out  # removed again if the run stops before writing anything into it
     hold["lock"] = lock_output(out, rank, world)  # before anything in `out` is read or changed
     metrics = fidelity_metrics(args, device)
 
