@@ -62,14 +62,18 @@ SD_MEMORY_FLAGS = {"esd": ["--optimizer_in_backward"]}
 # What each method doc's measured-memory section says under its table (docs/<method>.md, sd-memory).
 SD_DOC_NOTES = {
     'esd': (
-        "ESD-u (nudity's default) trains every U-Net weight outside cross-attention with Adam: its fp32 "
-        'weights, gradients and two Adam moments take ~13 GiB whatever `--mixed_precision` says, which is why '
-        "it is the largest. `--optimizer_in_backward` steps each parameter's Adam as soon as its gradient is "
-        'ready and frees it, so the 3.4 GB of gradients never exist at once (the same update; row `bf16+`). '
-        "`--gradient_checkpointing` trades ~30 % more time for the trained U-Net's activations. Beyond that, "
-        "an 8-bit Adam (bitsandbytes, as diffusers' training examples offer with `--use_8bit_adam`) would "
-        "save ~5 GiB of Adam state; ESD-x (`--train_method xattn`, the paper's choice for styles) trains 2 % "
-        'of the weights. Gradients and Adam state are released before samples.png is drawn '
+        "ESD-u (nudity's default) trains 813 M of the U-Net's 860 M weights with Adam: their fp32 weights, "
+        'gradients and two Adam moments take ~12 GiB whatever `--mixed_precision` says, which is why it is '
+        "the largest. `--mixed_precision` saves only the frozen copies' half (18.6 -> 17.5 GiB). "
+        "`--optimizer_in_backward` steps each parameter's Adam as soon as its gradient is ready and frees it, "
+        'so the 3 GiB of gradients never exist at once (the same update; row `bf16+`, 14.8 GiB). It works '
+        'with bf16 (and fp32), not with fp16, whose loss scaling needs every gradient before any step: so on '
+        'a GPU without bf16 (a T4) ESD-u needs 17.5 GiB and does not fit 16 GB, and 14.8 GiB leaves a T4 '
+        'almost nothing. What would close that: fp16 with a static loss scale inside the per-parameter step, '
+        "or an 8-bit Adam (bitsandbytes, diffusers' `--use_8bit_adam`; ~4.5 GiB less), neither implemented; "
+        "or ESD-x (`--train_method xattn`, the paper's choice for styles), which trains 44 M weights (5 %). "
+        "`--gradient_checkpointing` recomputes the trained U-Net's activations in the backward pass (not "
+        'measured here). Gradients and Adam state are released before samples.png is drawn '
         '(`common.release`).'
     ),
     'uce': (
@@ -214,7 +218,8 @@ def sd_table(rows: list[dict]) -> str:
         phases = {k: v["peak_memory_mb"] / 1024 for k, v in r["profile"].items() if isinstance(v, dict)}
         caching = max([v for k, v in phases.items() if k not in ("training", "samples")], default=None)
         s_it = per_iteration(r)
-        ratio = f"{s_it / esd[r['precision']]:.2f}" if s_it and esd.get(r["precision"]) else "–"
+        base = esd.get(r["precision"].rstrip("+"))  # a + row against ESD's plain row of its precision
+        ratio = f"{s_it / base:.2f}" if s_it and base else "–"
         gb = lambda v: f"{v:.1f}" if v is not None else "–"  # noqa: E731
         lines.append(f"| {name} | {r['precision']} | {gb(caching)} | {gb(phases.get('training'))} | "
                      f"{gb(phases.get('samples'))} | **{r['peak_memory_mb'] / 1024:.1f}** | "
@@ -263,12 +268,16 @@ def write_doc_sections(rows: list[dict], docs: Path, model: str):
             for p, r in have:
                 phases = {k: v["peak_memory_mb"] / 1024 for k, v in r["profile"].items() if isinstance(v, dict)}
                 caching = max([v for k, v in phases.items() if k not in ("training", "samples")], default=None)
-                esd, s_it = by.get(("esd", p)), per_iteration(r)
+                esd, s_it = by.get(("esd", p.rstrip("+"))), per_iteration(r)
                 ratio = f"{s_it / per_iteration(esd):.2f}" if s_it and esd and per_iteration(esd) else "–"
                 gb = lambda v: f"{v:.1f}" if v is not None else "–"  # noqa: E731
-                label = labels.get(p) or f"{labels[p.rstrip('+')]} + `{' '.join(SD_MEMORY_FLAGS.get(method, []))}`"
+                label = labels.get(p) or f"`--mixed_precision bf16 {' '.join(SD_MEMORY_FLAGS.get(method, []))}` (bf16 only)"
                 lines.append(f"| {label} | {gb(caching)} | {gb(phases.get('training'))} | {gb(phases.get('samples'))} | "
                              f"**{r['peak_memory_mb'] / 1024:.1f}** | {gb(s_it)} | {ratio} | {r.get('code', '')} |")
+            lines += ["", "code: the commit a row ran at (a trailing + means uncommitted changes); rows at 8dcae0d "
+                      "predate three changes that only lower peaks. The rows come from several runs on a shared CPU: "
+                      "memory does not depend on load, seconds and × ESD do (indicative only; × ESD at the cut "
+                      "settings of RESULTS.md)."]
             missing = [p for p in ("no", "bf16") if not any(q.startswith(p) or (p == "bf16" and q.startswith("fp16"))
                                                             for q, _ in have)]
             if missing:
@@ -303,7 +312,8 @@ def sd_scale(args):
         common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
     args.device = args.device or common.default_device()
     half = "fp16" if args.device.startswith("cuda") else "bf16"
-    precisions = [p.replace("half", half) for p in args.precisions]
+    # half+ adds --optimizer_in_backward, which loss-scaled fp16 cannot use: it is bf16 on every device
+    precisions = ["bf16+" if p == "half+" else p.replace("half", half) for p in args.precisions]
     bad = [p for p in precisions if p.rstrip("+") not in common.HALF or p == "no+"]
     if bad:
         common.die(f"--precisions takes no, half, fp16, bf16, half+, fp16+ or bf16+, not '{bad[0]}'.")
@@ -341,12 +351,14 @@ def sd_scale(args):
         "Caching: frozen text features, anchor images (DoCo), trajectories (RealEra). s / iteration: mean over "
         "the iterations after the first (SAGE: with boundary samples; DoCo: a generator step after the "
         "discriminator's warm-up; S-GRACE: one round, here 2 of its 10 attack steps + 50 erasure steps; UCE "
-        "has no iterations); × ESD: relative to ESD's iteration at the same precision in the same run. On a "
-        "shared CPU the seconds of rows measured at different times (see code) carry different loads, so their "
-        "× ESD is indicative only; memory does not depend on load. `bf16` "
+        "has no iterations); × ESD: relative to the ESD row of the same precision in this table (a `+` row: to ESD's "
+        "plain row), for the cut settings above (ESD's x_t takes 2 DDIM steps here, 1-49 at the paper's K = 50). "
+        "The table gathers several runs (the code column; a trailing + means uncommitted changes in that checkout): "
+        "on a shared CPU their seconds carry different loads, so × ESD is indicative only, and CPU bf16 seconds say "
+        "nothing of GPU fp16 speed; memory does not depend on load. `bf16` "
         "on a CPU stands for `--mixed_precision fp16` on a GPU: the same tensor sizes (a CPU's fp16 kernels "
-        "are ~200x slower, so fp16 cannot be timed there); `bf16+` (`fp16+`): the same with the method's memory "
-        f"flags ({'; '.join(f'{m}: ' + ' '.join(f) for m, f in SD_MEMORY_FLAGS.items())}). code: the commit a row ran at (`git log` tells what "
+        "are ~200x slower, so fp16 cannot be timed there); `bf16+`: bf16 (on any device) with the method's memory "
+        f"flags, which fp16's loss scaling cannot use ({'; '.join(f'{m}: ' + ' '.join(f) for m, f in SD_MEMORY_FLAGS.items())}). code: the commit a row ran at (`git log` tells what "
         "changed since; rows at 8dcae0d predate three changes that only lower peaks: optimizer state released "
         "before samples.png, one image per VAE decode at SD size, SAGE's Eq. 6 gradient taken at once).", "",
         sd_table(rows), ""])
