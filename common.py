@@ -279,9 +279,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dtype=torch.float32):
+def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dtype=torch.float32, start_from=None):
     """An SD v1.x pipeline (hub id or local path) or the miniature model ('toy'), frozen, with a
-    DDIM scheduler; `erased` is an erased-model folder to apply on top."""
+    DDIM scheduler; `erased` is an erased-model folder to apply on top. `start_from` (a method's --start_from) is
+    one too, applied the same way, and remembered as `pipe.start_from` (its folder, config and the base's own
+    values of its tensors), so that save_erased writes the union of its tensors and the new run's (sequential
+    erasure, docs/concepts.md). Either is refused (common.die) when it was erased from other weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -319,6 +322,10 @@ def load_pipeline(model: str = "toy", erased=None, device: str | None = None, dt
         torch.set_num_threads(1)
     if erased is not None:
         load_erased(pipe, erased)
+    if start_from is not None:
+        base_values = {}  # the base's own values of the start model's tensors: the saved model's fingerprint
+        config = load_erased(pipe, start_from, base_values)
+        pipe.start_from = dict(folder=Path(start_from).resolve(), config=config, base_values=base_values)
     return pipe.to(device or default_device())
 
 
@@ -936,12 +943,15 @@ def named_part(pipe, key: str):
     return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}[part].get_parameter(name)
 
 
-def base_fingerprint(pipe, keys, dtypes=None) -> dict:
+def base_fingerprint(pipe, keys, dtypes=None, originals: dict | None = None) -> dict:
     """sha256 of what an erased model needs from its base (FINGERPRINT_COVERS), one per precision {dtype: hex}:
     the values are cast to that precision before hashing. By default every precision of FINGERPRINT_DTYPES that
-    the loaded values can be cast down to (a float32 base: all three; a float16 base: float16 alone)."""
-    values = {key: named_part(pipe, key) for key in sorted(keys)}
-    loaded = str(next(iter(values.values())).dtype).removeprefix("torch.")
+    the loaded values can be cast down to (a float32 base: all three; a float16 base: float16 alone).
+    `originals` {key: tensor} stands in for `pipe`'s values where a start model (--start_from) has replaced the
+    base's own; the precision is still the one `pipe` holds them in."""
+    params = {key: named_part(pipe, key) for key in sorted(keys)}
+    loaded = str(next(iter(params.values())).dtype).removeprefix("torch.")
+    values = {key: (originals or {}).get(key, param) for key, param in params.items()}
     dtypes = dtypes or (FINGERPRINT_DTYPES if loaded == "float32" else (loaded,))
     shared = hashlib.sha256()
     for part in (pipe.unet, pipe.text_encoder):
@@ -964,7 +974,10 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
     base pipeline (its name and fingerprint go into config.json), or only its name (no fingerprint is recorded).
     `extra` adds keys to config.json; `write_extra(tmp_dir)` adds files (e.g. a cache) in the same rename.
     config.json records the concept as common.concept_info resolved it from args (its kind, words, anchor, ...);
-    for several concepts erased together, "concept" is null and "concepts" lists each (common.concept_set)."""
+    for several concepts erased together, "concept" is null and "concepts" lists each (common.concept_set).
+    When `base` was loaded with start_from (a sequential run), the tensors written are the start model's with these
+    replacing the ones they share (merge_start), the fingerprint is of the base's own values, and config.json adds
+    "start_from" (the start model's path, method and concept(s)) and "erased_concepts" (every concept, in order)."""
     from safetensors.torch import save_file
 
     base_model = base if isinstance(base, str) else base.base_model
@@ -975,7 +988,12 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
     import diffusers
     import transformers
 
-    fingerprint = None if isinstance(base, str) else {"sha256": base_fingerprint(base, tensors), "covers": FINGERPRINT_COVERS}
+    start = None if isinstance(base, str) else getattr(base, "start_from", None)
+    if start is not None:  # a sequential run: the start model's tensors, then this run's (they win)
+        tensors, started = merge_start(start, tensors)
+    originals = start["base_values"] if start else None
+    fingerprint = None if isinstance(base, str) else {"sha256": base_fingerprint(base, tensors, originals=originals),
+                                                      "covers": FINGERPRINT_COVERS}
     named = getattr(args, "concept", None) or getattr(args, "concept_file", None)
     several = named and isinstance(args.concept, list)
     concept = concept_info(args.concept, base_model, getattr(args, "kind", None), getattr(args, "concept_file", None)) \
@@ -987,6 +1005,9 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
               "changed_tensors": len(tensors), "versions": {
                   "python": platform.python_version(), "torch": torch.__version__,
                   "diffusers": diffusers.__version__, "transformers": transformers.__version__}, **(extra or {})}
+    if start is not None:
+        here = [i["name"] for i in config.get("concepts") or ([concept] if concept else [])]
+        config.update(start_from=started, erased_concepts=erased_concepts(start["config"]) + here)
 
     def write(tmp):
         save_file(tensors, tmp / "erased.safetensors")
@@ -997,6 +1018,44 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
             write_extra(tmp)
 
     return atomic_save_dir(out, write)
+
+
+def merge_start(start: dict, tensors: dict) -> tuple[dict, dict]:
+    """A sequential run's tensors (--start_from): the start model's erased.safetensors, with this run's `tensors`
+    replacing the ones they share. This run's tensors were compared with the start model (changed_tensors), so a
+    start tensor it left alone is kept as it was, bit for bit. `start` is load_pipeline's pipe.start_from. Returns
+    the merged {key: tensor} and what config.json records under "start_from" (the start's folder, method, concept(s)
+    and its own start_from, how many of its tensors were kept and replaced)."""
+    from safetensors.torch import load_file
+
+    folder = start["folder"]
+    earlier = load_file(folder / "erased.safetensors")
+    if set(earlier) != set(start["base_values"]):
+        die(f"{folder}/erased.safetensors changed during this run; run again from a start model that stays put.")
+    config = start["config"]
+    merged = {**earlier, **tensors}
+    return merged, dict(path=str(folder), method=config.get("method"), concept=config.get("concept"),
+                        concepts=config.get("concepts"), start_from=config.get("start_from"),
+                        kept_tensors=len(set(earlier) - set(tensors)),
+                        replaced_tensors=len(set(earlier) & set(tensors)))
+
+
+def erased_concepts(config: dict) -> list[str]:
+    """The names of every concept an erased model's config.json says it erased: its concept or concepts, after
+    those of the models it started from (--start_from), in the order they were erased."""
+    if "erased_concepts" in config:
+        return list(config["erased_concepts"])
+    infos = config.get("concepts") or ([config["concept"]] if config.get("concept") else [])
+    return [i["name"] for i in infos if isinstance(i, dict) and "name" in i]
+
+
+def erased_output(method: str, infos: list[dict], args) -> Path:
+    """Where a method writes its erased model: --output, else outputs/<method>-<concepts> (set_name), and for a
+    sequential run outputs/<method>-<concepts>-after-<the start model's folder name> (so that it does not take the
+    place of the one-run model of the same concepts)."""
+    start = getattr(args, "start_from", None)
+    after = f"-after-{Path(start).resolve().name}" if start else ""
+    return Path(args.output or f"outputs/{method}-{set_name(infos)}{after}")
 
 
 def read_erased_config(folder) -> dict:
@@ -1065,8 +1124,9 @@ def check_erased(pipe, folder) -> dict:
     return config
 
 
-def load_erased(pipe, folder) -> dict:
-    """Apply an erased model's tensors onto `pipe` once check_erased has accepted them all; returns its config."""
+def load_erased(pipe, folder, base_values: dict | None = None) -> dict:
+    """Apply an erased model's tensors onto `pipe` once check_erased has accepted them all; returns its config.
+    `base_values`, a dict, receives a CPU copy of `pipe`'s own value of every tensor before it is replaced."""
     from safetensors.torch import load_file
 
     config = check_erased(pipe, folder)
@@ -1077,6 +1137,8 @@ def load_erased(pipe, folder) -> dict:
     with torch.no_grad():
         for key, value in tensors.items():
             param = named_part(pipe, key)
+            if base_values is not None:
+                base_values[key] = param.detach().to("cpu", copy=True)
             param.copy_(value.to(param.device, param.dtype))
     return config
 

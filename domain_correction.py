@@ -90,6 +90,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/domain_correction-<concept>); also caches the anchor images"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept in the forget prompts (default: the concept table's words)"""
     anchor: str | None = None
@@ -165,7 +168,8 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), 
               anchor_prompts="file", n_anchor_images=">= 1", anchor_steps="[1, 1000]", anchor_guidance=">= 0",
               iterations=">= 1", warm_up=">= 0", batch_size=">= 1", lr="> 0", weight_decay=">= 0", dlr="> 0",
               disc_width=">= 1", unlearn_loss=("adversarial", "mse"), surgery=("pcgrad", "official", "none"),
-              lam=">= 0", retain_weight=">= 0", max_grad_norm="> 0", seed="[0, 4294967295]")
+              lam=">= 0", retain_weight=">= 0", max_grad_norm="> 0", seed="[0, 4294967295]",
+              start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +405,8 @@ def anchor_domain(pipe, args, captions: list[str], out: Path, cache: str = "anch
     seeds = [args.seed * 10_000 + i for i in range(args.n_anchor_images)]
     meta = dict(base_model=pipe.base_model, captions=image_captions, seeds=seeds, steps=args.anchor_steps,
                 guidance=args.anchor_guidance)
+    if getattr(pipe, "start_from", None):  # drawn by the start model (--start_from), not by the base
+        meta["start_from"] = str(pipe.start_from["folder"])
     images = cached_anchor_images(out / cache, meta)
     if images is None:
         images = generate_anchor_images(pipe, image_captions, seeds, args.anchor_steps, args.anchor_guidance)
@@ -557,10 +563,10 @@ def main(argv=None):
         values = ", ".join(f"{i['name']}: {s['dlr']}" for i, s in zip(infos, settings_of))
         common.die(f"these concepts' kinds give different discriminator learning rates ({values}); pick one for all "
                    f"of them with --dlr.")
-    out = Path(args.output or f"outputs/domain_correction-{common.set_name(infos)}")
+    out = common.erased_output("domain_correction", infos, args)
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 

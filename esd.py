@@ -47,6 +47,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/esd-<concept>)"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     train_method: str | None = None
     """parameters to train: 'xattn' (ESD-x: every attn2 tensor), 'noxattn' (ESD-u: everything except attn2,
     the time embedding and the output layers) or 'full', as the paper-era code; or the new official script's
@@ -108,7 +111,8 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), 
               output="erased-model output", train_method=("xattn", "noxattn", "full", "esd-x", "esd-u", "esd-all",
                                                          "esd-x-strict"), words="non-empty",
               negative_guidance=">= 0", iterations=">= 1", lr="> 0", batch_size=">= 1", ddim_steps="[1, 1000]",
-              start_guidance=">= 0", seed="[0, 4294967295]")
+              start_guidance=">= 0", seed="[0, 4294967295]",
+              start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +221,10 @@ def main(argv=None):
         common.die(f"these concepts' kinds train different parameters ({kinds}); pick one group for all of them "
                    f"with --train_method.")
     train_method = args.train_method or default_train_method(info)
-    out = Path(args.output or f"outputs/esd-{common.set_name(infos)}")
+    out = common.erased_output("esd", infos, args)
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 

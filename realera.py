@@ -83,6 +83,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/realera-<concept>)"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """words that name the concept (default: the concept table's words)"""
     anchor: str | None = None
@@ -172,7 +175,8 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
               s_high="[-1, 1]", n_neighbors=">= 0", n_beyond=">= 0", max_draws=">= 1", alpha=">= 0", lam=">= 0",
               rank=">= 1", lora_init_std="> 0", beta=">= 0", iterations=">= 0", lr="> 0", batch_size=">= 1",
               n_trajectories=">= 1", ddim_steps="[1, 1000]", start_guidance=">= 0",
-              target_model=("edited", "original"), seed="[0, 4294967295]")
+              target_model=("edited", "original"), seed="[0, 4294967295]",
+              start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,10 +529,10 @@ def main(argv=None):
     n_neighbors, n_beyond = (args.n_neighbors if args.neighbors else 0), (args.n_beyond if args.beyond else 0)
     if args.beyond and not preserve_prompts and n_beyond == 0:
         common.die("the beyond-concept set is empty: give --n_beyond > 0 or --preserve FILE, or pass --no_beyond.")
-    out = Path(args.output or f"outputs/realera-{common.set_name(infos)}")
+    out = common.erased_output("realera", infos, args)
     common.seed_everything(args.seed)
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 

@@ -57,6 +57,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/sage-<concept>)"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """prompts that name the concept, one drawn per iteration (default: the concept table's words)"""
     iterations: int = 1000
@@ -148,7 +151,7 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), 
               check_every=">= 1", search_steps=">= 0", step_size=">= 0", beta=">= 0", delta="> 0", init_noise=">= 0",
               tau="[-1, 1]", buffer_size=">= 1", boundary_per_step=">= 0", lambda_g=">= 0", global_candidates=">= 2",
               global_exclude="[0, 1)", global_batch=">= 2", lambda_l=">= 0", local_batch=">= 0", local_pool=">= 0",
-              pooling=("eot", "mean"), seed="[0, 4294967295]")
+              pooling=("eot", "mean"), seed="[0, 4294967295]", start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,10 +318,10 @@ def main(argv=None):
     words_of = {i["name"]: args.words or i["words"] for i in infos}
     words = args.words or info["words"] if len(infos) == 1 else list(dict.fromkeys(sum(words_of.values(), [])))
     held_out = [h for i in infos for h in i["held_out"]]
-    out = Path(args.output or f"outputs/sage-{common.set_name(infos)}")
+    out = common.erased_output("sage", infos, args)
     common.seed_everything(args.seed)
     rng, noise_gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 

@@ -56,6 +56,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/sgrace-<concept>)"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     related: str | None = None
     """text file of words related to the concept, one per line (R; default: the concept file's 'related', the
     built-in list, else the nearest word-final vocabulary tokens)"""
@@ -179,7 +182,8 @@ LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
               feature_token=("last", "eot"), erase_steps=">= 1", lr="> 0", erase_loss=("feature", "esd"),
               negative_guidance=">= 0", w_sim=">= 0", w_param=">= 0", w_anchor=">= 0", n_anchors=">= 1",
               timestep_low="[0, 999]", timestep_high="[1, 1000]", latent_steps="[1, 1000]", latent_guidance=">= 0",
-              unet_batch=">= 1", seed="[0, 4294967295]")
+              unet_batch=">= 1", seed="[0, 4294967295]",
+              start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,9 +581,9 @@ def main(argv=None):
     if args.timestep_low >= args.timestep_high:
         common.die(f"t is drawn from [--timestep_low, --timestep_high), so {args.timestep_low} must be below "
                    f"{args.timestep_high}.")
-    out = Path(args.output or f"outputs/sgrace-{common.set_name(infos)}")
+    out = common.erased_output("sgrace", infos, args)
     common.seed_everything(args.seed)
-    pipe = common.load_pipeline(args.model, device=args.device)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
     text_encoder, extra = train(args, pipe, profile)

@@ -59,6 +59,9 @@ class Args:
     """'toy' (the miniature model), a hub id such as CompVis/stable-diffusion-v1-4, or a local path"""
     output: str | None = None
     """erased-model folder (default: outputs/uce-<concept>)"""
+    start_from: str | None = None
+    """an erased-model folder of the same --model to start from: erase this run's concept(s) from it and
+    save the union of its tensors and this run's (a sequential erasure, docs/concepts.md)"""
     words: list[str] = dataclasses.field(default_factory=list)
     """prompts whose token vectors are erased (default: the concept table's words)"""
     guide: str | None = None
@@ -95,7 +98,8 @@ class Args:
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
 LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"),
               output="erased-model output", words="non-empty", erase_scale=">= 0", preserve_scale=">= 0",
-              lam="> 0", key_tokens=("last", "tail"))
+              lam="> 0", key_tokens=("last", "tail"),
+              start_from="erased model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +188,8 @@ def main(argv=None):
         words_of[info["name"]], guide_of[info["name"]], erase, target = concept_prompts(args, info)
         erase_prompts, guide_prompts = erase_prompts + erase, guide_prompts + target
     info, words, guide = infos[0], words_of[infos[0]["name"]], guide_of[infos[0]["name"]]
-    out = Path(args.output or f"outputs/uce-{common.set_name(infos)}")
-    pipe = common.load_pipeline(args.model, device=args.device)
+    out = common.erased_output("uce", infos, args)
+    pipe = common.load_pipeline(args.model, device=args.device, start_from=args.start_from)
     pipe.sample_steps = args.sample_steps
     start, profile = time.time(), {}
 

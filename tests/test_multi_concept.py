@@ -223,3 +223,73 @@ def test_evaluate_a_set_end_to_end(tmp_path):
     far = json.loads((tmp_path / "eval" / "circle" / "metrics.json").read_text())["prompts"]["far"]
     assert far and not any("red" in item["prompt"].split() for item in far)  # red is erased too: not a far concept
     assert json.loads((tmp_path / "eval" / "set_metrics.json").read_text())["concepts"] == ["circle", "red"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential runs: --start_from
+# ---------------------------------------------------------------------------------------------
+def test_merge_start_by_hand(tmp_path):
+    """merge_start on a start model of two tensors and a run that changed one of them and one other: the untouched
+    start tensor is kept bit for bit, the shared one is the new run's, the new one is added."""
+    from safetensors.torch import save_file
+
+    start = {"unet.a": torch.tensor([1.0, 2.0]), "unet.b": torch.tensor([3.0])}
+    (tmp_path / "start").mkdir()
+    save_file(start, tmp_path / "start" / "erased.safetensors")
+    info = dict(folder=tmp_path / "start", base_values={k: torch.zeros_like(v) for k, v in start.items()},
+                config=dict(method="uce", concept=dict(name="circle")))
+    new = {"unet.b": torch.tensor([7.0]), "text_encoder.c": torch.tensor([5.0])}
+    merged, record = common.merge_start(info, new)
+    assert sorted(merged) == ["text_encoder.c", "unet.a", "unet.b"]
+    assert torch.equal(merged["unet.a"], start["unet.a"]) and merged["unet.b"].item() == 7.0
+    assert record["kept_tensors"] == 1 and record["replaced_tensors"] == 1 and record["method"] == "uce"
+    assert common.erased_concepts(dict(start_from=record, erased_concepts=["circle", "red"])) == ["circle", "red"]
+    assert common.erased_concepts(dict(concept=None, concepts=[dict(name="a"), dict(name="b")])) == ["a", "b"]
+
+
+def test_a_sequential_run_keeps_the_first_erasure_and_loads(tmp_path):
+    """SAGE erases circle (text-encoder tensors), then UCE erases red from that model (U-Net tensors): the saved
+    model holds both, SAGE's bit for bit; UCE's edit was computed on the start model (its keys come through SAGE's
+    text encoder, so they differ from UCE on the base); the model loads onto the plain base (its fingerprint is the
+    base's) and evaluates as the set {circle, red}. Then UCE after UCE: the second run's tensors replace the
+    first's."""
+    import evaluate
+
+    sage_tiny = [t for t in TINY["sage"].split() if t not in ("--samples", "circle")]
+    run(sage, ["--model", "toy", "--concept", "circle", *sage_tiny, "--samples", "x", "--output", str(tmp_path / "first")])
+    run(uce, ["--model", "toy", "--concept", "red", "--samples", "x", "--start_from", str(tmp_path / "first"),
+              "--output", str(tmp_path / "then")])
+    run(uce, ["--model", "toy", "--concept", "red", "--samples", "x", "--output", str(tmp_path / "red")])
+    first, then, alone = weights(tmp_path / "first"), weights(tmp_path / "then"), weights(tmp_path / "red")
+    assert first and set(then) == set(first) | set(alone)
+    assert all(torch.equal(then[k], first[k]) for k in first)  # kept bit for bit
+    assert any(not torch.equal(then[k], alone[k]) for k in alone)  # UCE ran on the start model
+    config = json.loads((tmp_path / "then" / "config.json").read_text())
+    assert config["start_from"]["path"] == str((tmp_path / "first").resolve())
+    assert config["start_from"]["concept"]["name"] == "circle" and config["erased_concepts"] == ["circle", "red"]
+    assert config["start_from"]["kept_tensors"] == len(first) and config["concept"]["name"] == "red"
+    pipe = common.load_pipeline("toy", erased=tmp_path / "then", device="cpu")  # fingerprint of the plain base
+    assert all(torch.equal(common.named_part(pipe, k), v) for k, v in then.items())
+    results = evaluate.main(["--model", "toy", "--concept", "circle", "--concept", "red", "--erased",
+                             str(tmp_path / "then"), *"--seeds 1 --far_seeds 1 --steps 2 --attack none".split(),
+                             "--device", "cpu", "--output", str(tmp_path / "eval")])
+    assert list(results) == ["circle", "red"] and all(len(rows) == 2 for rows in results.values())
+
+    run(uce, ["--model", "toy", "--concept", "circle", "--samples", "x", "--output", str(tmp_path / "uce1")])
+    run(uce, ["--model", "toy", "--concept", "red", "--samples", "x", "--start_from", str(tmp_path / "uce1"),
+              "--output", str(tmp_path / "uce2")])
+    one, two = weights(tmp_path / "uce1"), weights(tmp_path / "uce2")
+    assert set(one) == set(two) and all(not torch.equal(one[k], two[k]) for k in one)
+    assert json.loads((tmp_path / "uce2" / "config.json").read_text())["start_from"]["replaced_tensors"] == len(one)
+
+
+def test_a_start_model_of_another_base_is_refused(tmp_path, sd_like_path, capsys):
+    """A start model erased from the miniature model, given to a run on another base: one sentence, nothing
+    written; and a folder that is not an erased model is refused before anything loads."""
+    run(uce, ["--model", "toy", "--concept", "circle", "--samples", "x", "--output", str(tmp_path / "toy")])
+    message = refused(capsys, lambda: run(uce, ["--model", str(sd_like_path), "--concept", "circle", "--kind",
+                                                "object", "--start_from", str(tmp_path / "toy"), "--samples", "x",
+                                                "--output", str(tmp_path / "out")]))
+    assert "erased from 'toy'" in message and not (tmp_path / "out").exists()
+    message = refused(capsys, lambda: run(uce, ["--model", "toy", "--concept", "red", "--start_from", str(tmp_path)]))
+    assert "is not an erased model" in message
