@@ -109,6 +109,25 @@ SD_DOC_NOTES = {
     ),
 }
 SD_SECTION = ("<!-- sd-scale: written by `python benchmark.py --scale sd` -->", "<!-- /sd-scale -->")
+# --scale sets: the miniature world's sets (objects and colours mixed; never triangle or blue, which another issue
+# keeps as development concepts), each erased in one run by every method at its default toy settings, and the
+# sequential run (SEQUENTIAL[0], then SEQUENTIAL[1] with --start_from) that a user of one-concept code would make.
+SETS = {2: ["circle", "red"], 4: ["circle", "red", "square", "green"],
+        8: ["circle", "red", "square", "green", "star", "purple", "heart", "yellow"]}
+SEQUENTIAL = ["circle", "red"]
+# Evaluation of every set run (evaluate.py's set mode, no attack): the fewest seeds that keep the whole --scale sets
+# run near an hour on one core (per concept: 3 own-word, 6 held-out, 3 near and 3 per far concept per seed).
+SETS_SEEDS, SETS_FAR_SEEDS = 2, 1
+SETS_SECTION = ("<!-- sets: written by python benchmark.py --scale sets -->", "<!-- /sets -->")
+# --scale closed_form: UCE's and RealEra's closed-form solve on the full-size model for 1 and for 100 made-up artists
+# (weights are random, so only the names' token counts matter): 10 first names x 10 family names.
+FIRST_NAMES = ["anna", "boris", "clara", "dmitri", "elena", "felix", "greta", "hugo", "ines", "jonas"]
+FAMILY_NAMES = ["albrecht", "bellamy", "castellano", "dufresne", "eriksson", "fontaine", "gallagher", "hartmann",
+                "ivanova", "jablonski"]
+CLOSED_FORM_RUNS = [("uce", 1), ("uce", 100), ("realera", 1), ("realera", 100)]
+CLOSED_FORM_FLAGS = {"uce": [], "realera": ["--stage", "closed_form"]}  # RealEra: stage 1 (Eq. 3) alone
+CLOSED_FORM_SECTION = ("<!-- closed-form: written by python benchmark.py --scale closed_form -->", "<!-- /closed-form -->")
+KEPT_SECTIONS = [SD_SECTION, SETS_SECTION, CLOSED_FORM_SECTION]  # measured separately; main() keeps them
 
 
 @dataclasses.dataclass
@@ -125,9 +144,11 @@ class Args:
     """skip an erasure whose folder already exists (same settings assumed); with --scale sd, a run already in
     runs.jsonl"""
     scale: str = "toy"
-    """'toy' (the miniature-world benchmark) or 'sd' (memory and cost of every method on a full-size SD v1.4)"""
+    """'toy' (the miniature-world benchmark), 'sd' (memory and cost of every method on a full-size SD v1.4), 'sets'
+    (the miniature world's 2-, 4- and 8-concept sets, and a sequential run: SETS) or 'closed_form' (UCE's and
+    RealEra's closed-form solve for 1 and 100 concepts on the full-size model)"""
     model: str = "outputs/sd14-random"
-    """--scale sd: the full-size pipeline (python sdscale.py --output outputs/sd14-random builds one)"""
+    """--scale sd and closed_form: the full-size pipeline (python sdscale.py --output outputs/sd14-random builds one)"""
     concept: str = "nudity"
     """--scale sd: the concept every method erases"""
     precisions: list[str] = dataclasses.field(default_factory=lambda: ["no", "half", "half+"])
@@ -135,7 +156,7 @@ class Args:
     kernels are ~200x slower; bf16 tensors take the same memory); 'half+' adds the method's memory flags
     (SD_MEMORY_FLAGS: ESD's --optimizer_in_backward), for the methods that have one"""
     device: str | None = None
-    """--scale sd: 'cuda' or 'cpu' (default: cuda when available)"""
+    """--scale sd and closed_form: 'cuda' or 'cpu' (default: cuda when available)"""
     table_only: bool = False
     """--scale sd: rewrite the RESULTS.md section from runs.jsonl without running anything"""
 
@@ -227,10 +248,10 @@ def sd_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(results: Path, body: str):
-    """Replace (or append) the SD-scale section of RESULTS.md, leaving the rest as it is."""
+def write_section(results: Path, body: str, markers: tuple[str, str] = SD_SECTION):
+    """Replace (or append) one marked section of RESULTS.md (default: the SD-scale one), leaving the rest as it is."""
     text = results.read_text() if results.exists() else ""
-    start, end = SD_SECTION
+    start, end = markers
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
@@ -367,15 +388,320 @@ def sd_scale(args):
     print(f"wrote the SD-scale table into {Path(args.output) / 'RESULTS.md'} and docs/<method>.md ({journal})")
 
 
+# ---------------------------------------------------------------------------------------------
+# --scale sets: 2, 4 and 8 concepts at once on the miniature world, and a sequential run
+# ---------------------------------------------------------------------------------------------
+def read_journal(path: Path) -> list[dict]:
+    """The rows of a runs.jsonl journal (one JSON object per finished run), or [] when there is none."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_journal(path: Path, row: dict):
+    """Append one finished run to its journal at once, so a cut-off benchmark loses only the run in progress."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def erase_set(method: str, concepts: list[str], folder: Path, start_from: Path | None = None) -> dict:
+    """One method erases `concepts` (one run, toy defaults) into `folder`, in its own process, optionally from an
+    erased model (--start_from); returns its config.json. A failed run stops the benchmark with its last line."""
+    cmd = [sys.executable, str(HERE / f"{method}.py"), "--model", "toy", "--output", str(folder.resolve()),
+           *[flag for c in concepts for flag in ("--concept", c)],
+           *(["--start_from", str(start_from.resolve())] if start_from else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        common.die(f"{method} on {'+'.join(concepts)} failed: "
+                   f"{((done.stderr or done.stdout).strip().splitlines() or ['?'])[-1]}")
+    return json.loads((folder / "config.json").read_text())
+
+
+def pooled_counts(results: dict, row: int) -> dict:
+    """{suite: [hits, images]} of table row `row` (0: original) summed over the concepts of an evaluate_set result
+    {concept: main's rows}: every image of every concept's evaluation counts once."""
+    counts = {}
+    for rows in results.values():
+        for suite in ("efficacy", "generality", "near", "far"):
+            k, n = rows[row]["counts"].get(suite, [0, 0])
+            counts[suite] = [counts.get(suite, [0, 0])[0] + k, counts.get(suite, [0, 0])[1] + n]
+    return counts
+
+
+def sets_erasure(method: str, size: int, mode: str, work: Path, reuse: bool) -> tuple[Path, dict]:
+    """`method` erases SETS[size] in one run (mode 'set') or SEQUENTIAL one after the other (mode 'sequential': the
+    second run --start_from the first); returns the erased model's folder and what the journal records of the
+    erasure (seconds from config.json; sequential: both runs added). With `reuse`, a finished folder is kept."""
+    concepts = SETS[size] if mode == "set" else SEQUENTIAL
+    name = f"{method}-{size}" if mode == "set" else f"{method}-sequential"
+    folders = [work / name] if mode == "set" else [work / f"{name}-first", work / name]
+    configs = []
+    for k, folder in enumerate(folders):
+        if not (reuse and (folder / "erased.safetensors").exists()):
+            erase_set(method, concepts if mode == "set" else concepts[k:k + 1], folder,
+                      start_from=folders[0] if k else None)
+        configs.append(json.loads((folder / "config.json").read_text()))
+    return work / name, dict(method=method, size=size, mode=mode, concepts=concepts, folder=str(work / name),
+                             erasure_seconds=round(sum(c["seconds"] for c in configs), 2),
+                             run_seconds=[c["seconds"] for c in configs])
+
+
+def sets_evaluation(concepts: list[str], folders: list[Path], out: Path) -> tuple[dict, dict]:
+    """evaluate.py's set mode on the erased models `folders` (all of one set size, one table: the original model's
+    images are drawn once), no attack, SETS_SEEDS / SETS_FAR_SEEDS. Returns {folder: its journal fields (pooled
+    counts, own-word rate per concept, concepts flagged not erased)} and the original's pooled counts."""
+    shutil.rmtree(out, ignore_errors=True)  # evaluate.py refuses to start over an unfinished evaluation
+    results = evaluate.main(["--model", "toy", *[f for c in concepts for f in ("--concept", c)], "--erased",
+                             *map(str, folders), "--attack", "none", "--seeds", str(SETS_SEEDS), "--far_seeds",
+                             str(SETS_FAR_SEEDS), "--output", str(out)])
+    flags = json.loads((out / "set_metrics.json").read_text())["not_erased"]
+    rows = {}
+    for row, folder in enumerate(folders, start=1):
+        name = next(iter(results.values()))[row]["name"]
+        rows[folder] = dict(counts=pooled_counts(results, row), own_word={c: r[row].get("efficacy") for c, r in
+                                                                            results.items()},
+                            not_erased=[f["concept"] for f in flags if f["model"] == name])
+    return rows, pooled_counts(results, 0)
+
+
+def rate_cell(kn: list[int]) -> str:
+    """'38.5 [30.1, 47.6]': a pooled rate in % with its 95 % Wilson interval; '–' without images."""
+    k, n = kn
+    if not n:
+        return "–"
+    low, high = evaluate.wilson_interval(k, n)
+    return f"{100 * k / n:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def seconds_cell(seconds: float) -> str:
+    """Seconds as the table shows them: one decimal below 10 s (UCE's closed form), whole seconds above."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
+def trend(rows: list[dict], suite: str) -> str:
+    """How a pooled rate moves from the smallest to the largest set, in words only where the 95 % Wilson intervals
+    of the two ends do not overlap; otherwise 'no change beyond the intervals'."""
+    (k0, n0), (k1, n1) = rows[0]["counts"][suite], rows[-1]["counts"][suite]
+    if not (n0 and n1 and all(r["counts"][suite][1] for r in rows)):
+        return "not measured"
+    (lo0, hi0), (lo1, hi1) = evaluate.wilson_interval(k0, n0), evaluate.wilson_interval(k1, n1)
+    path = " → ".join(f"{100 * r['counts'][suite][0] / r['counts'][suite][1]:.0f}" for r in rows)
+    verdict = "rises" if lo1 > hi0 else "falls" if hi1 < lo0 else "no change beyond the intervals"
+    return f"{path} % ({verdict})"
+
+
+def sets_body(done: list[dict], seconds: float | None) -> str:
+    """The sets section of RESULTS.md from the journal rows: the table, the protocol and one line per method."""
+    rows = {(r["method"], r["size"], r["mode"]): r for r in done}
+    first = next(iter(done))
+    lines = ["## Several concepts at once: 2, 4 and 8 on the miniature world", "",
+             f"Measured {first['date']} on {first['machine']} with `python benchmark.py --scale sets` (code "
+             f"{', '.join(sorted({r['code'] for r in done}))}" + (f"; {seconds / 60:.0f} min in all" if seconds else "")
+             + "). Sets: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SETS.items()) + ". Each method erases the "
+             "set in one run at its default toy settings (docs/concepts.md, \"Several concepts at once\"); "
+             f"`sequential`: {SEQUENTIAL[0]} erased alone, then {SEQUENTIAL[1]} erased from that model with "
+             "`--start_from` (the saved model holds both runs' tensors), as a user of one-concept code would do.", "",
+             f"Protocol: `evaluate.py --model toy --concept A --concept B ... --erased MODEL --attack none --seeds "
+             f"{SETS_SEEDS} --far_seeds {SETS_FAR_SEEDS}` (set mode: one evaluation per concept of the set; 25 DDIM "
+             f"steps, guidance 3, seeds 0..{SETS_SEEDS - 1} per own-word, held-out and near prompt and "
+             f"{SETS_FAR_SEEDS} per far prompt). Own-word and held-out rate: % of images the judge labels as the "
+             "erased concept, pooled over the set's concepts (lower = better erased). Far accuracy: % of images "
+             "showing the prompted concept, over concepts outside the set (the set's members, and members' near "
+             "neighbours that are themselves in the set, are left out of near and far specificity), pooled over "
+             "the concepts' evaluations. Brackets: 95 % Wilson interval over the pooled images (n: images per "
+             "column). Erasure s: config.json `seconds` (sequential: both runs added), on a CPU shared with other "
+             "work. Not erased: concepts whose own-word rate stays above the original's minus 20 points "
+             "(evaluate.py --set_margin).", "",
+             "| model | concepts | own-word rate % ↓ | held-out rate % ↓ | far accuracy % | erasure s | not erased |",
+             "|---|---|---|---|---|---|---|"]
+    for size in SETS:
+        originals = [r for r in done if r["size"] == size and r["mode"] == "set"]
+        if originals:
+            o = originals[0]["original"]
+            n = "/".join(str(o[s][1]) for s in ("efficacy", "generality", "far"))
+            lines.append(f"| original model | {size} (n {n}) | {rate_cell(o['efficacy'])} | "
+                         f"{rate_cell(o['generality'])} | {rate_cell(o['far'])} | – | – |")
+        for method in METHODS:
+            for mode in ("set", "sequential") if size == 2 else ("set",):
+                r = rows.get((method, size, mode))
+                if r is None:
+                    continue
+                label = LABELS[method] + (" sequential" if mode == "sequential" else "")
+                c = r["counts"]
+                lines.append(f"| {label} | {size} | {rate_cell(c['efficacy'])} | {rate_cell(c['generality'])} | "
+                             f"{rate_cell(c['far'])} | {seconds_cell(r['erasure_seconds'])} | "
+                             f"{', '.join(r['not_erased']) or '–'} |")
+    lines += ["", "With the number of concepts (own-word rate, then far accuracy, for 2 → 4 → 8 concepts; a change is "
+              "named only where the 95 % intervals of 2 and 8 do not overlap):", ""]
+    for method in METHODS:
+        series = [rows[(method, size, "set")] for size in SETS if (method, size, "set") in rows]
+        if len(series) < 2:
+            continue
+        seq = rows.get((method, 2, "sequential"))
+        together = rows.get((method, 2, "set"))
+        line = f"- {LABELS[method]}: own-word {trend(series, 'efficacy')}; far {trend(series, 'far')}"
+        if seq and together:
+            line += (f"; two concepts one after the other vs together: own-word "
+                     f"{rate_cell(seq['counts']['efficacy'])} vs {rate_cell(together['counts']['efficacy'])} %, far "
+                     f"{rate_cell(seq['counts']['far'])} vs {rate_cell(together['counts']['far'])} %, "
+                     f"{seconds_cell(seq['erasure_seconds'])} vs {seconds_cell(together['erasure_seconds'])} s")
+        lines.append(line + ".")
+    return "\n".join(lines + [""])
+
+
+def sets_scale(args):
+    """--scale sets: every method on SETS (and the SEQUENTIAL run), evaluated as sets, one evaluation per set size
+    (the sequential models join the 2-concept one). Each finished erasure is appended to
+    outputs/benchmark-sets/runs.jsonl at once, and each finished evaluation adds its rows; with --reuse, finished
+    erasures and evaluated rows there are skipped (a cut-off loses at most one erasure, or the evaluation of one
+    set size). Then the sets section of RESULTS.md (SETS_SECTION) is rewritten from the journal."""
+    work = Path(args.output) / "outputs" / "benchmark-sets"
+    work.mkdir(parents=True, exist_ok=True)
+    journal = work / "runs.jsonl"
+    if not args.reuse and journal.exists():
+        journal.rename(journal.with_name(f"runs-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))  # kept, not reused
+    entries = read_journal(journal)
+    done = {(r["method"], r["size"], r["mode"]): r for r in entries if r.get("kind") == "result"}
+    start = time.time()
+    for size in SETS:
+        runs = [(m, size, "set") for m in args.methods] + ([(m, 2, "sequential") for m in args.methods]
+                                                             if size == len(SEQUENTIAL) else [])
+        runs = [key for key in runs if key not in done]
+        if not runs:
+            continue
+        erasures = {}
+        for method, _, mode in runs:
+            folder, erasure = sets_erasure(method, size, mode, work, args.reuse)
+            erasure.update(kind="erasure", code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=machine())
+            append_journal(journal, erasure)
+            erasures[folder] = erasure
+            print(f"{method} {mode} {size}: erased in {erasure['erasure_seconds']} s "
+                  f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
+        rows, original = sets_evaluation(SETS[size], list(erasures), work / f"eval-{size}")
+        for folder, erasure in erasures.items():
+            row = dict(erasure, kind="result", original=original, **rows[folder])
+            append_journal(journal, row)
+            done[(row["method"], row["size"], row["mode"])] = row
+            print(f"{row['method']} {row['mode']} {size}: own-word {rate_cell(row['counts']['efficacy'])} %, far "
+                  f"{rate_cell(row['counts']['far'])} %", flush=True)
+    write_section(Path(args.output) / "RESULTS.md", sets_body(list(done.values()), None if args.reuse else
+                                                              time.time() - start), SETS_SECTION)
+    print(f"wrote the sets section of {Path(args.output) / 'RESULTS.md'} ({journal})")
+
+
+# ---------------------------------------------------------------------------------------------
+# --scale closed_form: UCE's and RealEra's closed form for 1 and 100 concepts on the full-size model
+# ---------------------------------------------------------------------------------------------
+def artist_names(n: int) -> list[str]:
+    """`n` (at most 100) made-up artist names, 'anna albrecht', 'anna bellamy', ...: random weights have no
+    artists, so only how many tokens each name takes matters."""
+    return [f"{first} {family}" for first in FIRST_NAMES for family in FAMILY_NAMES][:n]
+
+
+def max_rss_gib(time_output: str) -> float | None:
+    """The process peak resident memory (VmHWM) that /usr/bin/time -v reports, in GiB."""
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_output)
+    return round(int(found.group(1)) / 2**20, 2) if found else None
+
+
+def closed_form_run(method: str, n: int, args, work: Path) -> dict:
+    """One closed-form erasure of `n` made-up artists (a concept file holding them as a list, kind style) on the
+    full-size model under /usr/bin/time -v; its journal row: the stacked system's rows, the edited matrices' shapes,
+    the solve's and the whole erasure's seconds, and the process peak memory."""
+    from safetensors import safe_open
+
+    concept_file = work / f"artists{n}.json"
+    concept_file.write_text(json.dumps([dict(name=a, kind="style", words=[a]) for a in artist_names(n)], indent=1))
+    folder = work / f"{method}-{n}"
+    cmd = ["/usr/bin/time", "-v", sys.executable, str(HERE / f"{method}.py"), "--model", args.model, "--device",
+           args.device, "--concept_file", str(concept_file), "--samples", "an artwork", "--sample_steps", "1",
+           "--output", str(folder.resolve()), *CLOSED_FORM_FLAGS[method]]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    row = dict(method=method, concepts=n, command=" ".join(["python", *cmd[3:]]).replace(str(HERE) + "/", ""),
+               returncode=done.returncode, process_seconds=round(time.time() - start, 1),
+               max_rss_gib=max_rss_gib(done.stderr))
+    if done.returncode != 0:
+        row["error"] = "killed (out of memory)" if done.returncode in (-9, 137) else \
+            ([line for line in done.stderr.splitlines() if line.startswith("error")] or ["?"])[-1]
+        return row
+    config = json.loads((folder / "config.json").read_text())
+    with safe_open(folder / "erased.safetensors", framework="pt") as f:
+        shapes = sorted({tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    solve = config["profile"]["training" if method == "uce" else "closed_form"]
+    row.update(erased_rows=config.get("erased_token_vectors"), preserved_rows=config.get("preserved_token_vectors"),
+               prompts=len(config.get("erase_prompts") or config.get("concept_prompts") or []),
+               matrices=config["changed_tensors"], weight_shapes=shapes,
+               solve_seconds=solve["seconds"], caching_seconds=config["profile"].get("caching", {}).get("seconds"),
+               erasure_seconds=config["seconds"], peak_memory_mb=config.get("peak_memory_mb"))
+    return row
+
+
+def closed_form_scale(args):
+    """--scale closed_form: CLOSED_FORM_RUNS on --model (a full-size SD v1.4, random weights), one process each, one
+    at a time; each finished run appended to outputs/benchmark-closed-form/runs.jsonl (--reuse skips those there),
+    then the closed-form section of RESULTS.md (CLOSED_FORM_SECTION) rewritten from the journal."""
+    if not (Path(args.model) / "model_index.json").exists():
+        common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
+    if not Path("/usr/bin/time").exists():
+        common.die("--scale closed_form measures peak memory with /usr/bin/time -v, which this machine lacks "
+                   "(Debian/Ubuntu: apt-get install time).")
+    args.device = args.device or common.default_device()
+    work = Path(args.output) / "outputs" / "benchmark-closed-form"
+    work.mkdir(parents=True, exist_ok=True)
+    journal = work / "runs.jsonl"
+    done = read_journal(journal) if args.reuse else []
+    for method, n in CLOSED_FORM_RUNS:
+        if any((r["method"], r["concepts"]) == (method, n) and r["returncode"] == 0 for r in done):
+            continue
+        row = closed_form_run(method, n, args, work)
+        row.update(code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=machine(int(os.environ.get(
+            "OMP_NUM_THREADS", os.cpu_count() or 1))))
+        append_journal(journal, row)
+        done = [r for r in done if (r["method"], r["concepts"]) != (method, n)] + [row]
+        print(f"{method} x {n}: {row.get('solve_seconds', row.get('error'))} s solve, {row['max_rss_gib']} GiB peak",
+              flush=True)
+    lines = ["## Closed form at SD v1.4 size: 1 vs 100 concepts", "",
+             f"Measured {done[-1]['date']} on {done[-1]['machine']} with `python benchmark.py --scale closed_form "
+             f"--model {args.model} --device {args.device}` (a full-size SD v1.4 with random weights and the real CLIP "
+             "tokenizer, `python sdscale.py`; code " + ", ".join(sorted({r['code'] for r in done})) + "). The artists "
+             "are made-up names (`anna albrecht`, ..., benchmark.py FIRST_NAMES x FAMILY_NAMES; kind style, one word "
+             "each): with random weights only their token counts matter. UCE runs whole (its edit is the closed "
+             "form); RealEra runs its closed-form stage alone (`--stage closed_form`, Eq. 3 with its neighbour and "
+             "beyond-concept perturbations; the LoRA stage is not run). Rows: token vectors stacked into the least-"
+             "squares system (erased + preserved). Every edited projection solves one d_in x d_in system (d_in 768, "
+             "the text width) for a d_out x d_in weight; the solve's cost grows with the rows only through the Gram "
+             "sums. Solve s: the method's closed-form phase (UCE: `training`; RealEra: `closed_form`, which includes "
+             "drawing its perturbations); erasure s: config.json `seconds`; process s: the whole command, loading "
+             "and samples.png (1 DDIM step) included; peak: the process's VmHWM from `/usr/bin/time -v`. A CPU shared "
+             "with other work: seconds are indicative, memory is not load-dependent.", "",
+             "| method | concepts | rows (erased + preserved) | edited weights (shapes) | solve s | erasure s | "
+             "process s | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    order = {key: i for i, key in enumerate(CLOSED_FORM_RUNS)}
+    for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99)):
+        if r["returncode"] != 0:
+            lines.append(f"| {LABELS[r['method']]} | {r['concepts']} | {r['error']} | – | – | – | "
+                         f"{r['process_seconds']} | {r['max_rss_gib']} |")
+            continue
+        shapes = ", ".join("x".join(map(str, s)) for s in r["weight_shapes"])
+        lines.append(f"| {LABELS[r['method']]} | {r['concepts']} | {r['erased_rows']} + {r['preserved_rows']} | "
+                     f"{r['matrices']} ({shapes}) | {r['solve_seconds']} | {r['erasure_seconds']} | "
+                     f"{r['process_seconds']} | {r['max_rss_gib']} |")
+    lines += ["", "Commands (as run; the concept files are written by benchmark.py):", ""]
+    lines += [f"- `{r['command']}`" for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99))]
+    write_section(Path(args.output) / "RESULTS.md", "\n".join(lines + [""]), CLOSED_FORM_SECTION)
+    print(f"wrote the closed-form section of {Path(args.output) / 'RESULTS.md'} ({journal})")
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv, limits=dict(methods=tuple(METHODS), concepts="non-empty", output="non-empty",
-                                                     scale=("toy", "sd"), precisions=("no", "half", "fp16", "bf16", "half+", "fp16+", "bf16+")))
+                                                     scale=("toy", "sd", "sets", "closed_form"), precisions=("no", "half", "fp16", "bf16", "half+", "fp16+", "bf16+")))
     if not args.methods or not args.concepts:
         common.die("--methods and --concepts need at least one entry each.")
     if any(p.exists() and not p.is_dir() for p in [Path(args.output), *Path(args.output).parents]):
         common.die(f"--output {args.output} is (or lies in) a file; choose a folder.")
-    if args.scale == "sd":
-        return sd_scale(args)
+    if args.scale in ("sd", "sets", "closed_form"):
+        return {"sd": sd_scale, "sets": sets_scale, "closed_form": closed_form_scale}[args.scale](args)
     concepts = args.concepts[:1] if args.quick else args.concepts
     for c in concepts:
         common.concept_info(c, "toy")  # one-line error for an unknown concept
@@ -428,8 +754,9 @@ def main(argv=None):
                   f"`outputs/benchmark/eval-{concept}/`.", ""]
     results_file = out / ("RESULTS_quick.md" if args.quick else "RESULTS.md")
     old = results_file.read_text() if results_file.exists() else ""
-    if SD_SECTION[0] in old and SD_SECTION[1] in old:  # keep the SD-scale table (measured separately)
-        lines += [old[old.index(SD_SECTION[0]):old.index(SD_SECTION[1]) + len(SD_SECTION[1])], ""]
+    for first, last in KEPT_SECTIONS:  # keep the tables measured separately (--scale sd, sets, closed_form)
+        if first in old and last in old:
+            lines += [old[old.index(first):old.index(last) + len(last)], ""]
     results_file.write_text("\n".join(lines))
     print(f"wrote {out / ('RESULTS_quick.md' if args.quick else 'RESULTS.md')} and {img} in {total:.0f} s")
 
