@@ -3,6 +3,8 @@
     python benchmark.py            # circle (object), red (colour), square (object): ~30 min on 2 CPU cores
     python benchmark.py --quick    # circle only, small budgets: a few minutes
     python benchmark.py --scale sd --model outputs/sd14-random   # memory and cost at SD v1.4 size (hours on a CPU)
+    python benchmark.py --scale sets    # 2, 4 and 8 concepts at once, and two one after the other (~1 h on one core)
+    python benchmark.py --scale closed_form --model outputs/sd14-random --device cpu   # UCE, RealEra: 1 vs 100 artists
 
 Each erasure runs in its own process with the method's default toy settings (so its `seconds` and peak
 memory are its own), then evaluate.py measures the original model and every erased model on the same
@@ -17,6 +19,13 @@ memory (torch.cuda.max_memory_allocated on a GPU, the process's peak resident me
 seconds per training iteration relative to ESD's. Each finished run is appended to
 outputs/benchmark-sd/runs.jsonl at once (a cut-off loses one row), and the table replaces the SD-scale
 section of RESULTS.md.
+
+`--scale sets` erases the miniature world's sets of 2, 4 and 8 concepts (SETS) with every method in one run each,
+and the 2-concept set one concept after the other (--start_from), evaluates each set size in one evaluate.py set
+evaluation and writes the sets section of RESULTS.md (journal: outputs/benchmark-sets/runs.jsonl). `--scale
+closed_form` measures UCE's and RealEra's closed-form solve for 1 and 100 made-up artists on a full-size model
+(journal: outputs/benchmark-closed-form/runs.jsonl; its own RESULTS.md section). A toy rerun keeps all three
+sections.
 """
 import dataclasses
 import json
@@ -115,6 +124,9 @@ SD_SECTION = ("<!-- sd-scale: written by `python benchmark.py --scale sd` -->", 
 SETS = {2: ["circle", "red"], 4: ["circle", "red", "square", "green"],
         8: ["circle", "red", "square", "green", "star", "purple", "heart", "yellow"]}
 SEQUENTIAL = ["circle", "red"]
+# A set of objects and colours needs one ESD parameter group (an object's default is ESD-u, a colour's ESD-x; esd.py
+# asks for --train_method): the first member's, circle's ESD-u. The sequential runs keep each concept's own default.
+SET_FLAGS = {"esd": ["--train_method", "noxattn"]}
 # Evaluation of every set run (evaluate.py's set mode, no attack): the fewest seeds that keep the whole --scale sets
 # run near an hour on one core (per concept: 3 own-word, 6 held-out, 3 near and 3 per far concept per seed).
 SETS_SEEDS, SETS_FAR_SEEDS = 2, 1
@@ -404,12 +416,12 @@ def append_journal(path: Path, row: dict):
         os.fsync(f.fileno())
 
 
-def erase_set(method: str, concepts: list[str], folder: Path, start_from: Path | None = None) -> dict:
+def erase_set(method: str, concepts: list[str], folder: Path, start_from: Path | None = None, extra=()) -> dict:
     """One method erases `concepts` (one run, toy defaults) into `folder`, in its own process, optionally from an
     erased model (--start_from); returns its config.json. A failed run stops the benchmark with its last line."""
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--model", "toy", "--output", str(folder.resolve()),
            *[flag for c in concepts for flag in ("--concept", c)],
-           *(["--start_from", str(start_from.resolve())] if start_from else [])]
+           *(["--start_from", str(start_from.resolve())] if start_from else []), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         common.die(f"{method} on {'+'.join(concepts)} failed: "
@@ -439,7 +451,7 @@ def sets_erasure(method: str, size: int, mode: str, work: Path, reuse: bool) -> 
     for k, folder in enumerate(folders):
         if not (reuse and (folder / "erased.safetensors").exists()):
             erase_set(method, concepts if mode == "set" else concepts[k:k + 1], folder,
-                      start_from=folders[0] if k else None)
+                      start_from=folders[0] if k else None, extra=SET_FLAGS.get(method, []) if mode == "set" else [])
         configs.append(json.loads((folder / "config.json").read_text()))
     return work / name, dict(method=method, size=size, mode=mode, concepts=concepts, folder=str(work / name),
                              erasure_seconds=round(sum(c["seconds"] for c in configs), 2),
@@ -498,7 +510,9 @@ def sets_body(done: list[dict], seconds: float | None) -> str:
              f"Measured {first['date']} on {first['machine']} with `python benchmark.py --scale sets` (code "
              f"{', '.join(sorted({r['code'] for r in done}))}" + (f"; {seconds / 60:.0f} min in all" if seconds else "")
              + "). Sets: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SETS.items()) + ". Each method erases the "
-             "set in one run at its default toy settings (docs/concepts.md, \"Several concepts at once\"); "
+             "set in one run at its default toy settings (docs/concepts.md, \"Several concepts at once\"), plus "
+             + "; ".join(f"{LABELS[m]} `{' '.join(f)}`" for m, f in SET_FLAGS.items()) + " (one parameter group for "
+             "objects and colours: the first member's default); "
              f"`sequential`: {SEQUENTIAL[0]} erased alone, then {SEQUENTIAL[1]} erased from that model with "
              "`--start_from` (the saved model holds both runs' tensors), as a user of one-concept code would do.", "",
              f"Protocol: `evaluate.py --model toy --concept A --concept B ... --erased MODEL --attack none --seeds "
