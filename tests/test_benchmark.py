@@ -67,3 +67,12 @@ def test_sets_section_pools_with_wilson_intervals_and_main_keeps_it(tmp_path):
     text = results.read_text()
     assert text.count(benchmark.SETS_SECTION[0]) == 1 and body in text and "old text" in text and "sd table" in text
     assert benchmark.SETS_SECTION in benchmark.KEPT_SECTIONS and benchmark.SD_SECTION in benchmark.KEPT_SECTIONS
+
+
+def test_closed_form_scale_names_and_peak_memory():
+    """100 distinct made-up artists (no comma, so each is one --concept), and VmHWM read from /usr/bin/time -v's
+    report in GiB (2097152 kB = 2 GiB); a report without the line gives None."""
+    names = benchmark.artist_names(100)
+    assert len(set(names)) == 100 and not any("," in n for n in names) and benchmark.artist_names(1) == names[:1]
+    report = "\tCommand being timed: \"python uce.py\"\n\tMaximum resident set size (kbytes): 2097152\n"
+    assert benchmark.max_rss_gib(report) == 2.0 and benchmark.max_rss_gib("nothing") is None
