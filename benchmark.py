@@ -503,8 +503,11 @@ def trend(rows: list[dict], suite: str) -> str:
 
 
 def sets_body(done: list[dict], seconds: float | None) -> str:
-    """The sets section of RESULTS.md from the journal rows: the table, the protocol and one line per method."""
+    """The sets section of RESULTS.md from the journal's result rows (and the whole run's `seconds`, if known): the
+    table, the protocol and one line per method."""
     rows = {(r["method"], r["size"], r["mode"]): r for r in done}
+    far_concepts = {size: r["original"]["far"][1] / (size * 3 * SETS_FAR_SEEDS) for (_, size, mode), r in rows.items()
+                    if mode == "set"}  # far prompts: 3 templates per concept and far seed
     first = next(iter(done))
     lines = ["## Several concepts at once: 2, 4 and 8 on the miniature world", "",
              f"Measured {first['date']} on {first['machine']} with `python benchmark.py --scale sets` (code "
@@ -518,14 +521,21 @@ def sets_body(done: list[dict], seconds: float | None) -> str:
              f"Protocol: `evaluate.py --model toy --concept A --concept B ... --erased MODEL --attack none --seeds "
              f"{SETS_SEEDS} --far_seeds {SETS_FAR_SEEDS}` (set mode: one evaluation per concept of the set; 25 DDIM "
              f"steps, guidance 3, seeds 0..{SETS_SEEDS - 1} per own-word, held-out and near prompt and "
-             f"{SETS_FAR_SEEDS} per far prompt). Own-word and held-out rate: % of images the judge labels as the "
+             f"{SETS_FAR_SEEDS} per far prompt; each set size is one evaluation, every model of that size a row of it, "
+             "so the original's images are drawn once per size). Own-word and held-out rate: % of images the judge labels as the "
              "erased concept, pooled over the set's concepts (lower = better erased). Far accuracy: % of images "
              "showing the prompted concept, over concepts outside the set (the set's members, and members' near "
              "neighbours that are themselves in the set, are left out of near and far specificity), pooled over "
              "the concepts' evaluations. Brackets: 95 % Wilson interval over the pooled images (n: images per "
              "column). Erasure s: config.json `seconds` (sequential: both runs added), on a CPU shared with other "
              "work. Not erased: concepts whose own-word rate stays above the original's minus 20 points "
-             "(evaluate.py --set_margin).", "",
+             "(evaluate.py --set_margin). The far concepts differ between set sizes: a larger set leaves fewer "
+             "concepts outside it (on average " + ", ".join(f"{far_concepts[n]:.3g}" for n in sorted(far_concepts))
+             + " far concepts per erased concept at " + ", ".join(map(str, sorted(far_concepts))) + " concepts), so "
+             "far accuracy at each size is "
+             "measured on different concepts; the original model's row of each size is its reference. With "
+             f"{SETS_SEEDS} seeds per prompt the 2-concept rates rest on few images (the n of the original's row): "
+             "read the intervals before the rates.", "",
              "| model | concepts | own-word rate % ↓ | held-out rate % ↓ | far accuracy % | erasure s | not erased |",
              "|---|---|---|---|---|---|---|"]
     for size in SETS:
@@ -576,7 +586,7 @@ def sets_scale(args):
         journal.rename(journal.with_name(f"runs-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))  # kept, not reused
     entries = read_journal(journal)
     done = {(r["method"], r["size"], r["mode"]): r for r in entries if r.get("kind") == "result"}
-    start = time.time()
+    start, ran = time.time(), False
     for size in SETS:
         runs = [(m, size, "set") for m in args.methods] + ([(m, 2, "sequential") for m in args.methods]
                                                              if size == len(SEQUENTIAL) else [])
@@ -592,14 +602,17 @@ def sets_scale(args):
             print(f"{method} {mode} {size}: erased in {erasure['erasure_seconds']} s "
                   f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
         rows, original = sets_evaluation(SETS[size], list(erasures), work / f"eval-{size}")
+        ran = True
         for folder, erasure in erasures.items():
             row = dict(erasure, kind="result", original=original, **rows[folder])
             append_journal(journal, row)
             done[(row["method"], row["size"], row["mode"])] = row
             print(f"{row['method']} {row['mode']} {size}: own-word {rate_cell(row['counts']['efficacy'])} %, far "
                   f"{rate_cell(row['counts']['far'])} %", flush=True)
-    write_section(Path(args.output) / "RESULTS.md", sets_body(list(done.values()), None if args.reuse else
-                                                              time.time() - start), SETS_SECTION)
+    if ran:  # this session's time; a --reuse session adds its own, so the section shows the whole run's
+        append_journal(journal, dict(kind="total", seconds=round(time.time() - start, 1)))
+    total = sum(r["seconds"] for r in read_journal(journal) if r.get("kind") == "total")
+    write_section(Path(args.output) / "RESULTS.md", sets_body(list(done.values()), total or None), SETS_SECTION)
     print(f"wrote the sets section of {Path(args.output) / 'RESULTS.md'} ({journal})")
 
 
