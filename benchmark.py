@@ -515,7 +515,8 @@ def sets_body(done: list[dict], seconds: float | None) -> str:
              + "). Sets: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in SETS.items()) + ". Each method erases the "
              "set in one run at its default toy settings (docs/concepts.md, \"Several concepts at once\"), plus "
              + "; ".join(f"{LABELS[m]} `{' '.join(f)}`" for m, f in SET_FLAGS.items()) + " (one parameter group for "
-             "objects and colours: the first member's default); "
+             "objects and colours: the first member's default; the sequential runs keep each concept's own default, "
+             "for ESD its kind's parameter group); "
              f"`sequential`: {SEQUENTIAL[0]} erased alone, then {SEQUENTIAL[1]} erased from that model with "
              "`--start_from` (the saved model holds both runs' tensors), as a user of one-concept code would do.", "",
              f"Protocol: `evaluate.py --model toy --concept A --concept B ... --erased MODEL --attack none --seeds "
