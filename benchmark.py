@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -170,7 +171,7 @@ class Args:
     device: str | None = None
     """--scale sd and closed_form: 'cuda' or 'cpu' (default: cuda when available)"""
     table_only: bool = False
-    """--scale sd: rewrite the RESULTS.md section from runs.jsonl without running anything"""
+    """--scale sd and closed_form: rewrite the RESULTS.md section from runs.jsonl without running anything"""
 
 
 def run_method(method: str, concept: str, folder: Path, extra: list[str]) -> float:
@@ -646,7 +647,7 @@ def closed_form_run(method: str, n: int, args, work: Path) -> dict:
            "--output", str(folder.resolve()), *CLOSED_FORM_FLAGS[method]]
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
-    row = dict(method=method, concepts=n, command=" ".join(["python", *cmd[3:]]).replace(str(HERE) + "/", ""),
+    row = dict(method=method, concepts=n, command=shlex.join(["python", *cmd[3:]]).replace(str(HERE) + "/", ""),
                returncode=done.returncode, process_seconds=round(time.time() - start, 1),
                max_rss_gib=max_rss_gib(done.stderr))
     if done.returncode != 0:
@@ -669,17 +670,17 @@ def closed_form_scale(args):
     """--scale closed_form: CLOSED_FORM_RUNS on --model (a full-size SD v1.4, random weights), one process each, one
     at a time; each finished run appended to outputs/benchmark-closed-form/runs.jsonl (--reuse skips those there),
     then the closed-form section of RESULTS.md (CLOSED_FORM_SECTION) rewritten from the journal."""
-    if not (Path(args.model) / "model_index.json").exists():
+    if not args.table_only and not (Path(args.model) / "model_index.json").exists():
         common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
-    if not Path("/usr/bin/time").exists():
+    if not args.table_only and not Path("/usr/bin/time").exists():
         common.die("--scale closed_form measures peak memory with /usr/bin/time -v, which this machine lacks "
                    "(Debian/Ubuntu: apt-get install time).")
     args.device = args.device or common.default_device()
     work = Path(args.output) / "outputs" / "benchmark-closed-form"
     work.mkdir(parents=True, exist_ok=True)
     journal = work / "runs.jsonl"
-    done = read_journal(journal) if args.reuse else []
-    for method, n in CLOSED_FORM_RUNS:
+    done = read_journal(journal) if args.reuse or args.table_only else []
+    for method, n in [] if args.table_only else CLOSED_FORM_RUNS:
         if any((r["method"], r["concepts"]) == (method, n) and r["returncode"] == 0 for r in done):
             continue
         row = closed_form_run(method, n, args, work)
@@ -689,6 +690,8 @@ def closed_form_scale(args):
         done = [r for r in done if (r["method"], r["concepts"]) != (method, n)] + [row]
         print(f"{method} x {n}: {row.get('solve_seconds', row.get('error'))} s solve, {row['max_rss_gib']} GiB peak",
               flush=True)
+    if not done:
+        common.die(f"{journal} holds no run yet; run without --table_only first.")
     lines = ["## Closed form at SD v1.4 size: 1 vs 100 concepts", "",
              f"Measured {done[-1]['date']} on {done[-1]['machine']} with `python benchmark.py --scale closed_form "
              f"--model {args.model} --device {args.device}` (a full-size SD v1.4 with random weights and the real CLIP "
@@ -715,6 +718,9 @@ def closed_form_scale(args):
         lines.append(f"| {LABELS[r['method']]} | {r['concepts']} | {r['erased_rows']} + {r['preserved_rows']} | "
                      f"{r['matrices']} ({shapes}) | {r['solve_seconds']} | {r['erasure_seconds']} | "
                      f"{r['process_seconds']} | {r['max_rss_gib']} |")
+    for method, n in CLOSED_FORM_RUNS:
+        if not any((r["method"], r["concepts"]) == (method, n) for r in done):
+            lines.append(f"| {LABELS[method]} | {n} | not measured yet (`--reuse` runs what is missing) | – | – | – | – | – |")
     lines += ["", "Commands (as run; the concept files are written by benchmark.py):", ""]
     lines += [f"- `{r['command']}`" for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99))]
     write_section(Path(args.output) / "RESULTS.md", "\n".join(lines + [""]), CLOSED_FORM_SECTION)
