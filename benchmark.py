@@ -1,14 +1,31 @@
-"""benchmark.py: every method and baseline, three miniature-world concepts, one table each (RESULTS.md).
+"""benchmark.py: every method and baseline, three miniature-world concepts, erasure seeds and intervals (RESULTS.md).
 
-    python benchmark.py            # circle (object), red (colour), square (object): ~30 min on 2 CPU cores
-    python benchmark.py --quick    # circle only, small budgets: a few minutes
+    python benchmark.py            # circle, red, square; 3 erasure seeds per method: ~1 h on 2 CPU cores (--jobs 2)
+    python benchmark.py --quick    # circle only, one seed, small budgets: a few minutes
+    python benchmark.py --select_budgets   # each method's toy budget by one rule on triangle and blue (docs/budgets.md)
+    python benchmark.py --claims --reuse   # each paper's headline claim as an ablation (RESULTS.md's claims section)
     python benchmark.py --scale sd --model outputs/sd14-random   # memory and cost at SD v1.4 size (hours on a CPU)
 
-Each erasure runs in its own process with the method's default toy settings (so its `seconds` and peak
-memory are its own), then evaluate.py measures the original model and every erased model on the same
-prompts and seeds, with both attacks (`--attack both`: UnlearnDiffAtk and the continuous bound). Writes RESULTS.md (machine, versions, seeds at the top; one table per concept) and
-docs/img/benchmark.png (the same seeds across methods) into --output (default: the repository root).
-A rerun with the same seeds reproduces the tables (erasure seconds and memory aside).
+Each erasure runs in its own process (one torch thread) with the method's default toy settings and seeds the
+method's default seed + 0 .. --erasure_seeds - 1 (folders outputs/benchmark/<method>-<concept>-s<seed>; UCE, a closed
+form without randomness, once), so its `seconds` and peak memory are its own; then one evaluate.py run per concept
+measures the original model and every erased model on the same prompts and seeds, with both attacks (`--attack
+both`: UnlearnDiffAtk and the continuous bound). --jobs (default 2) such processes run at once; a concept's
+evaluation starts as soon as its erasures are done. RESULTS.md: machine, versions and seeds at the top; the rule
+for calling a difference (RULE); a summary over the concepts (README's headline table is the same table, written
+between its `<!-- headline -->` markers); per concept a table of mean ± sd over erasure seeds [95 % Wilson interval
+over the images of every seed] and the method pairs that differ by the rule. Every `<!-- name ... -->` ...
+`<!-- /name -->` section of RESULTS.md (written by the other commands) is kept. docs/img/benchmark.png: the same
+seeds across methods (first erasure seed). A rerun with the same seeds reproduces the tables (erasure seconds and
+memory aside; docs/evaluation.md, "Determinism").
+
+Cost of the full run, from measured seconds (2026-12-01, this repository's 2-core machine, one torch thread, the
+other core busy; single-seed run of circle and red): the six erasures of a concept take 244-266 s of process time,
+and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per model, attacks ~52 s per erased
+model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
+~105 min for three on one core, so about 55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process:
+the last one partly runs alone). --claims: ~21 ablation erasures (~17 min) and one 34-model evaluation (~46 min) per
+concept; with --reuse after the benchmark and --jobs 2, circle and red take about 65 min.
 
 `--scale sd` runs each method on a full-size SD v1.4 (`python sdscale.py` builds one with random weights;
 the real weights measure the same) with its SD defaults, cutting only the iteration count and the sampling
