@@ -587,16 +587,17 @@ def erase_and_evaluate(plan: dict, work: Path, args, eval_extra: list[str], pref
     """Run the erasures of `plan` ({concept: [(label, method, seed, folder, extra flags)]}) and one evaluation per
     concept (<work>/<prefix>-<concept>) of all its folders, `args.jobs` at a time (a concept's evaluation starts as
     soon as its erasures are done); returns {concept: metrics.json}. --reuse: an erasure whose folder holds
-    erased.safetensors is kept, an evaluation is resumed (and a finished one re-read)."""
+    erased.safetensors is kept, and the evaluation of a concept whose erasures were all kept is resumed (a finished
+    one re-read); one with a new erasure starts afresh (its journal holds the old weights' verdicts)."""
     jobs, metrics = [], {}
 
     def erase(method, concept, seed, folder, extra):
         took = run_erasure(method, concept, folder, extra)
         print(f"{folder.name}: {took['wall_seconds']:.0f} s, {took['cpu_seconds']:.0f} CPU s", flush=True)
 
-    def evaluation(concept, folders):
+    def evaluation(concept, folders, resume):
         out = work / f"{prefix}-{concept.replace(' ', '_')}"
-        metrics[concept] = evaluate_folders(concept, folders, out, eval_extra, args.reuse)
+        metrics[concept] = evaluate_folders(concept, folders, out, eval_extra, resume)
         print(f"{out.name}: {metrics[concept]['evaluation_seconds']:.0f} s", flush=True)
 
     for concept, runs in plan.items():
@@ -607,7 +608,7 @@ def erase_and_evaluate(plan: dict, work: Path, args, eval_extra: list[str], pref
             names.append(str(folder))
             jobs.append(dict(name=str(folder), run=functools.partial(erase, method, concept, seed, folder, extra)))
         jobs.append(dict(name=f"{prefix}-{concept}", after=names, first=True,
-                         run=functools.partial(evaluation, concept, [r[3] for r in runs])))
+                         run=functools.partial(evaluation, concept, [r[3] for r in runs], args.reuse and not names)))
     run_jobs(jobs, args.jobs)
     return metrics
 
@@ -932,9 +933,9 @@ def select_budgets(args):
                                        **took))
         print(f"{folder.name} ({point_label(point)}): {took['cpu_seconds']:.0f} CPU s", flush=True)
 
-    def evaluation(method, concept):
+    def evaluation(method, concept, resume):
         folders = [work / f"{method}-{concept}-p{i}" for i in range(len(grids[method]))]
-        metrics = evaluate_folders(concept, folders, work / f"eval-{method}-{concept}", eval_extra, args.reuse)
+        metrics = evaluate_folders(concept, folders, work / f"eval-{method}-{concept}", eval_extra, resume)
         rows, cpu = rows_by_folder(metrics), {e["folder"]: e["cpu_seconds"] for e in read_journal_lines(journal_path)
                                               if e.get("kind") == "erasure" and e["method"] == method}
         for i, point in enumerate(grids[method]):
@@ -957,7 +958,7 @@ def select_budgets(args):
                 names.append(f"{method}-{concept}-p{i}")
                 jobs.append(dict(name=names[-1], run=functools.partial(erase, method, concept, i, point)))
             jobs.append(dict(name=f"eval-{method}-{concept}", after=names, first=True,
-                             run=functools.partial(evaluation, method, concept)))
+                             run=functools.partial(evaluation, method, concept, args.reuse and not names)))
     run_jobs(jobs, args.jobs)
 
     journal, sections, chosen_all = read_journal_lines(journal_path), [], {}
