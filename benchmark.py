@@ -785,7 +785,9 @@ DEV_CONCEPTS = ["triangle", "blue"]  # an object and a colour that the benchmark
 # Each method's grid: every combination of these flags' values (4-6 points; docs/budgets.md says why these).
 BUDGET_GRIDS = {
     "esd": {"lr": [1e-4, 2e-4, 5e-4], "iterations": [200, 400]},
-    "uce": {"lam": [0.5, 0.1, 0.02], "expand": [False, True]},
+    # UCE's closed form has no iterations; its lambda changed no verdict in a trial (0.5 vs 0.02): which token
+    # vectors it edits is its budget here (the last word token or the whole tail; also inside the templates)
+    "uce": {"key_tokens": ["last", "tail"], "expand": [False, True]},
     "sage": {"lr": [3e-4, 1e-3], "iterations": [200, 400]},
     "realera": {"lr": [5e-4, 1e-3, 2e-3], "iterations": [300, 600]},
     "domain_correction": {"lr": [5e-4, 1e-3], "iterations": [400, 800]},

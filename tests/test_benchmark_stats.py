@@ -112,3 +112,26 @@ def test_every_grid_point_is_a_valid_setting(method):
         args = common.parse_args(module.Args, ["--model", "toy", "--concept", "triangle", *benchmark.point_flags(p)],
                                  toy_defaults=getattr(module, "TOY_DEFAULTS", None), limits=module.LIMITS)
         assert all(getattr(args, k) == v for k, v in p.items())
+
+
+def test_new_flags_refuse_mistakes_in_one_sentence(tmp_path, capsys):
+    from conftest import refused
+
+    out = ["--output", str(tmp_path / "out")]
+    assert "separate runs" in refused(capsys, lambda: benchmark.main(["--select_budgets", "--claims", *out]))
+    assert "erasure_seeds" in refused(capsys, lambda: benchmark.main(["--erasure_seeds", "0", *out]))
+    assert "jobs" in refused(capsys, lambda: benchmark.main(["--jobs", "0", *out]))
+    assert "reported by the benchmark" in refused(
+        capsys, lambda: benchmark.main(["--select_budgets", "--dev_concepts", "triangle", "circle", *out]))
+    assert "no claim" in refused(capsys, lambda: benchmark.main(["--claims", "--methods", "esd", "uce", *out]))
+    refused(capsys, lambda: benchmark.main(["--claims", "--claim_concepts", "nonesuch", *out]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_run_after_what_they_wait_for():
+    order = []
+    jobs = [dict(name="a", run=lambda: order.append("a")), dict(name="b", run=lambda: order.append("b")),
+            dict(name="eval", after=["a", "b"], first=True, run=lambda: order.append("eval")),
+            dict(name="c", run=lambda: order.append("c"))]
+    benchmark.run_jobs(jobs, 1)
+    assert order == ["a", "b", "eval", "c"]  # ready evaluations go first
