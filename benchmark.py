@@ -788,7 +788,7 @@ BUDGET_GRIDS = {
     # UCE's closed form has no iterations; its lambda changed no verdict in a trial (0.5 vs 0.02): which token
     # vectors it edits is its budget here (the last word token or the whole tail; also inside the templates)
     "uce": {"key_tokens": ["last", "tail"], "expand": [False, True]},
-    "sage": {"lr": [3e-4, 1e-3], "iterations": [200, 400]},
+    "sage": {"lr": [3e-4, 1e-3], "iterations": [200, 300]},  # 400 would pass the cap (~0.3 s per iteration)
     "realera": {"lr": [5e-4, 1e-3, 2e-3], "iterations": [300, 600]},
     "domain_correction": {"lr": [5e-4, 1e-3], "iterations": [400, 800]},
     "sgrace": {"lr": [1e-3, 3e-3], "rounds": [8, 16]},
