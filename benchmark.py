@@ -24,8 +24,9 @@ other core busy; single-seed run of circle and red): the six erasures of a conce
 and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per model, attacks ~52 s per erased
 model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
 ~105 min for three on one core, so about 55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process:
-the last one partly runs alone). --claims: ~21 ablation erasures (~17 min) and one 34-model evaluation (~46 min) per
-concept; with --reuse after the benchmark and --jobs 2, circle and red take about 65 min.
+the last one partly runs alone). --claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation
+(~46 min); with --reuse after the benchmark (its default-setting folders are shared) and --jobs 2, circle and red
+(the default) take about 65 min, circle alone about 55 min.
 
 `--scale sd` runs each method on a full-size SD v1.4 (`python sdscale.py` builds one with random weights;
 the real weights measure the same) with its SD defaults, cutting only the iteration count and the sampling
@@ -172,8 +173,9 @@ class Args:
     """--select_budgets: development concepts (never reported by the benchmark)"""
     claims: bool = False
     """run each paper's headline claim as an ablation with the erasure seeds (RESULTS.md's claims section)"""
-    claim_concepts: list[str] = dataclasses.field(default_factory=lambda: ["circle"])
-    """--claims: concepts the ablations run on"""
+    claim_concepts: list[str] = dataclasses.field(default_factory=lambda: ["circle", "red"])
+    """--claims: concepts the ablations run on (an object and a colour; each evaluation is one process, so with
+    --jobs 2 the second costs little more time)"""
 
 
 def run_method(method: str, concept: str, folder: Path, extra: list[str]) -> float:
@@ -422,8 +424,9 @@ RULE = ("A difference between two models on a column is called only when it clea
         "training runs: the difference of the seed means exceeds the sum of the two seed standard deviations. "
         "Either alone is not enough here: (1) pools images that share prompts and evaluation seeds across erasure "
         "seeds, so it understates a method's run-to-run spread (issue 20: one rerun moved S-GRACE's own-word rate "
-        "from 37.5 to 25 %); (2) with 3 seeds, a standard deviation is itself uncertain. Non-overlapping 95 % "
-        "intervals are a conservative test (two rates whose intervals just touch differ at about p = 0.006). A "
+        "from 37.5 to 25 %); (2) a standard deviation from a few seeds is itself uncertain. Non-overlapping 95 % "
+        "intervals are a conservative test (for equal standard errors, two rates whose intervals just touch differ at "
+        "about p = 0.006). A "
         "seeded method with one seed has no standard deviation: then no difference is called. UCE has no "
         "randomness (a closed form): it is erased once, and its standard deviation is 0. Columns without image "
         "counts (seconds) use clause (2) alone.")
@@ -676,6 +679,14 @@ def write_atomic_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def command_line(args, *flags: str) -> str:
+    """The `python benchmark.py ...` a table was made with: `flags`, then what differs from the defaults among
+    --quick, --erasure_seeds and --methods."""
+    return " ".join(["python benchmark.py", *flags, *(["--quick"] if args.quick else []),
+                     *([f"--erasure_seeds {args.erasure_seeds}"] if args.erasure_seeds else []),
+                     *([f"--methods {' '.join(args.methods)}"] if args.methods != METHODS else [])])
+
+
 def benchmark_plan(args, concepts: list[str], work: Path) -> dict:
     """{concept: [(method, method, seed, folder, flags)]}: every method x erasure seed (--quick: its QUICK flags)."""
     n = args.erasure_seeds or (1 if args.quick else 3)
@@ -738,8 +749,8 @@ def toy_benchmark(args):
     headline = seed_table(across_concepts(plan, metrics, LABELS), HEADLINE_COLUMNS)
     seeds_text = ", ".join(f"{LABELS[m]} {', '.join(map(str, s)) if s[0] is not None else '(none)'}"
                            for m in args.methods for s in [method_seeds(m, n_seeds)])
-    command = "python benchmark.py" + (" --quick" if args.quick else "") + (
-        f" --erasure_seeds {args.erasure_seeds}" if args.erasure_seeds else "")
+    command = command_line(args, *([f"--concepts {' '.join(concepts)}"] if concepts != Args().concepts[:len(concepts)]
+                                   else []))
     lines = ["# Results on the miniature world" + (" (--quick: smoke-test budgets, not results)" if args.quick else ""),
              "", f"Produced by `{command}` in {total / 60:.0f} min ({args.jobs} job(s) at a time) on {machine()}. "
              f"Every method ran with its default toy settings (`--model toy`) and {n_seeds} erasure seed(s): its "
@@ -970,8 +981,8 @@ def select_budgets(args):
         chosen_all[method] = chosen
         sections += budget_table(method, results, chosen, args.dev_concepts)
     body = "\n".join([f"<!-- {BUDGETS_SECTION}: written by `python benchmark.py --select_budgets` -->",
-                      "## Results", "", f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `python benchmark.py "
-                      f"--select_budgets{' --quick' if args.quick else ''}` ({args.jobs} job(s) at a time; one erasure "
+                      "## Results", "", f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with "
+                      f"`{command_line(args, '--select_budgets')}` ({args.jobs} job(s) at a time; one erasure "
                       "seed, each method's default); evaluation: evaluate.py's toy protocol with `--attack none`"
                       f"{' and --quick budgets: NOT a result' if args.quick else ''}. Cells: own-word rate / held-out "
                       "rate / far accuracy (the original model's) / CPU seconds of the erasure process.", "",
@@ -1081,8 +1092,8 @@ def claims(args):
     names = dict(evaluate.COLUMNS)
     lines = [f"<!-- {CLAIMS_SECTION}: written by `python benchmark.py --claims` -->",
              "## The papers' claims in miniature", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `python benchmark.py --claims"
-             f"{' --quick' if args.quick else ''} --claim_concepts {' '.join(args.claim_concepts)}`: each method's "
+             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `"
+             f"{command_line(args, '--claims', '--claim_concepts', *args.claim_concepts)}`: each method's "
              f"default and its ablation, {n} erasure seed(s) each (the benchmark's), one evaluate.py run per concept "
              "with both attacks (`outputs/benchmark/eval-claims-<concept>/`). Cells: mean ± sd over erasure seeds "
              "[pooled 95 % Wilson interval]. Verdict by the rule of the tables above (both clauses); 'not "

@@ -114,8 +114,8 @@ def test_budget_search_picks_what_the_rule_picks(tmp_path, monkeypatch, capsys):
 
 def test_claims_section_with_verdicts(tmp_path):
     (tmp_path / "RESULTS_quick.md").write_text("# R\n\n<!-- sets: x -->\nSETS\n<!-- /sets -->\n")
-    verdicts = benchmark.main(["--claims", "--quick", "--methods", "sgrace", "--erasure_seeds", "2", "--output",
-                               str(tmp_path)])
+    verdicts = benchmark.main(["--claims", "--quick", "--methods", "sgrace", "--erasure_seeds", "2", "--claim_concepts",
+                               "circle", "--output", str(tmp_path)])
     work = tmp_path / "outputs" / "benchmark"
     for name in ("sgrace-circle-s3407", "sgrace-circle-s3408", "sgrace_advunlearn-circle-s3407",
                  "sgrace_advunlearn-circle-s3408"):
@@ -127,4 +127,5 @@ def test_claims_section_with_verdicts(tmp_path):
     section = text.split("<!-- claims")[1]
     assert section.count("| S-GRACE: more robust") == 1 and "ASR % (UnlearnDiffAtk)" in section
     assert [v["verdict"] in ("holds", "does not hold", "not separable") for v in verdicts] == [True]
+    assert "--claims --claim_concepts circle --quick --erasure_seeds 2 --methods sgrace" in section
     assert re.search(r"\*\*claim: (holds|does not hold|not separable)\*\*", section)
