@@ -825,8 +825,10 @@ def point_flags(point: dict) -> list[str]:
     """A grid point as command-line flags (a bool as --name / --no_name)."""
     flags = []
     for name, value in point.items():
-        flags += [f"--{name}" if value else f"--no_{name}"] if isinstance(value, bool) else [f"--{name}", f"{value:g}"
-                                                                                              if isinstance(value, float) else str(value)]
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no_{name}")
+        else:
+            flags += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
     return flags
 
 
