@@ -70,6 +70,11 @@ def test_two_erasure_seeds_aggregate_as_computed_by_hand(tmp_path):
     summary = text.split("## Summary")[1].split("## circle")[0]  # one concept: the same numbers as its table
     assert cells_of(summary, "ESD")[1:5] == [esd[1], esd[2], esd[3], esd[header.index("near accuracy %")]]
     assert "Differences called by the rule" in table and "- own-word rate:" in table
+    # --reuse after a finished run: no erasure is redone, the evaluation is re-read, the same table
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/erased.safetensors")}
+    benchmark.main(["--quick", "--erasure_seeds", "2", "--methods", "esd", "uce", "--reuse", "--output", str(tmp_path)])
+    assert {p: p.stat().st_mtime_ns for p in work.glob("*/erased.safetensors")} == stamps
+    assert (tmp_path / "RESULTS_quick.md").read_text().split("## circle")[1] == table
 
 
 def hand_rule(journal: list[dict], method: str, points: list[dict], concepts: list[str]) -> dict:
