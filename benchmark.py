@@ -1,6 +1,6 @@
 """benchmark.py: every method and baseline, three miniature-world concepts, one table each (RESULTS.md).
 
-    python benchmark.py            # circle (object), red (colour), square (object): ~30 min on 2 CPU cores
+    python benchmark.py            # circle (object), red (colour), square (object): ~40 min on 2 CPU cores
     python benchmark.py --quick    # circle only, small budgets: a few minutes
     python benchmark.py --scale sd --model outputs/sd14-random   # memory and cost at SD v1.4 size (hours on a CPU)
 
