@@ -24,7 +24,7 @@ other core busy; single-seed run of circle and red): the six erasures of a conce
 and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per model, attacks ~52 s per erased
 model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
 ~105 min for three on one core, so about 55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process:
-the last one partly runs alone). --claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation
+the last one partly runs alone; the single-seed run of 2026-12-01 took 37 min, sequentially). --claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation
 (~46 min); with --reuse after the benchmark (its default-setting folders are shared) and --jobs 2, circle and red
 (the default) take about 65 min, circle alone about 55 min.
 
@@ -417,7 +417,7 @@ DIFFERENCE_KEYS = [("efficacy", "own-word rate"), ("asr", "ASR (UnlearnDiffAtk)"
 HIGHER_IS_BETTER = {"near", "far"}
 # README's headline table: these columns, mean of the benchmark's concepts (RESULTS.md's summary holds the same).
 HEADLINE_COLUMNS = [("efficacy", "own-word rate % ↓"), ("generality", "held-out rate % ↓"), ("near", "near acc. %"),
-                    ("far", "far acc. %"), ("asr", "ASR % ↓ (UnlearnDiffAtk)"), ("soft_asr", "ASR % ↓ (continuous bound)"),
+                    ("far", "far acc. %"), ("asr", "ASR % ↓ UnlearnDiffAtk"), ("soft_asr", "ASR % ↓ continuous bound"),
                     ("seconds", "erasure s")]
 RULE = ("A difference between two models on a column is called only when it clears both sources of noise: (1) the "
         "judge's, over images: the two pooled 95 % Wilson intervals do not overlap; and (2) the erasure's, over "
@@ -722,7 +722,7 @@ def seed_figure(plan: dict, metrics: dict, work: Path, columns: int = 6):
 def headline_block(table: str, concepts: list[str], n_seeds: int) -> str:
     """README's headline table as a marked block (main() writes it into README.md when the output holds one)."""
     return "\n".join([f"<!-- headline: written by `python benchmark.py` (its summary in RESULTS.md) -->",
-                      f"### Results at a glance (miniature world, mean of {', '.join(concepts)}; {n_seeds} erasure "
+                      f"### Results at a glance (miniature world, {', '.join(concepts)} pooled; {n_seeds} erasure "
                       "seeds)", "", table, "", "mean ± standard deviation over erasure seeds [95 % Wilson interval "
                       "over every image of every seed and concept]; a difference counts only when it clears both "
                       "(RESULTS.md states the rule and lists the pairs that differ).", "<!-- /headline -->"])
