@@ -25,8 +25,9 @@ and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per 
 model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
 ~105 min for three on one core (the single-seed run of 2026-12-01 took 37 min, one process at a time), so about
 55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process: the last one partly runs alone).
---claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation (~46 min); with --reuse after the benchmark (its default-setting folders are shared) and --jobs 2, circle and red
-(the default) take about 65 min, circle alone about 55 min.
+--claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation (~46 min); with --reuse after the
+benchmark (its default-setting folders are shared) and --jobs 2, circle and red (the default) take about 65 min,
+circle alone about 55 min.
 
 `--scale sd` runs each method on a full-size SD v1.4 (`python sdscale.py` builds one with random weights;
 the real weights measure the same) with its SD defaults, cutting only the iteration count and the sampling
