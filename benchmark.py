@@ -1014,6 +1014,23 @@ CLAIM_VARIANTS = {
     # docs/sgrace.md, "The AdvUnlearn-style configuration": the three things S-GRACE adds to AdvUnlearn switched off
     "sgrace": {"advunlearn": ["--init", "target", "--random_ids", "1", "--semantic_weight", "0", "--erase_loss", "esd"]},
 }
+
+
+def same_unet_updates(quick: bool) -> list[str]:
+    """DoCo's MSE ablation: --iterations giving as many U-Net updates as the adversarial default, whose first
+    --warm_up iterations train the discriminator alone (the MSE loss has no discriminator; docs/domain_correction.md
+    runs its ablation the same way)."""
+    import domain_correction
+
+    budget = dict(domain_correction.TOY_DEFAULTS)
+    if quick:
+        quick_flags = QUICK["domain_correction"]
+        budget.update({k.lstrip("-"): int(v) for k, v in zip(quick_flags[::2], quick_flags[1::2])})
+    return ["--iterations", str(budget["iterations"] - budget["warm_up"])]
+
+
+# Flags that depend on the budget (--quick or not), added after a variant's own.
+CLAIM_BUDGET_FLAGS = {("domain_correction", "mse"): same_unet_updates}
 CLAIMS = [
     dict(method="sage", variant="words_only", keys=["generality"], need="all",
          claim="SAGE: erasing the concept's domain (self-check boundary samples) beats erasing its words on unseen "
@@ -1027,7 +1044,8 @@ CLAIMS = [
          claim="RealEra: the beyond-concept regularisation keeps near concepts", ablation="default vs `--no_beyond`"),
     dict(method="domain_correction", variant="mse", keys=["generality"], need="all",
          claim="DoCo: the adversarial domain loss generalises to unseen words better than an MSE loss",
-         ablation="`--unlearn_loss adversarial` (default) vs `mse`"),
+         ablation="`--unlearn_loss adversarial` (default) vs `mse` (as many U-Net updates: --iterations minus the "
+                  "discriminator's warm-up)"),
     dict(method="domain_correction", variant="no_surgery", keys=["near", "far"], need="any",
          claim="DoCo: gradient surgery protects the retained concepts", ablation="`--surgery pcgrad` (default) vs `none`"),
     dict(method="sgrace", variant="advunlearn", keys=["asr", "soft_asr", "seconds"], need="all",
@@ -1072,6 +1090,7 @@ def claims_plan(args, work: Path, n: int, chosen: list[dict]) -> dict:
                     runs.append((f"{method}_{variant}" if variant else method, method, seed,
                                  seed_folder(work, method, concept, seed, variant),
                                  [*(QUICK[method] if args.quick else []), *flags,
+                                  *CLAIM_BUDGET_FLAGS.get((method, variant), lambda quick: [])(args.quick),
                                   *([] if seed is None else ["--seed", str(seed)])]))
         plan[concept] = runs
     return plan

@@ -135,3 +135,15 @@ def test_jobs_run_after_what_they_wait_for():
             dict(name="c", run=lambda: order.append("c"))]
     benchmark.run_jobs(jobs, 1)
     assert order == ["a", "b", "eval", "c"]  # ready evaluations go first
+
+
+def test_doco_mse_ablation_gets_as_many_unet_updates():
+    import domain_correction
+
+    full = domain_correction.TOY_DEFAULTS["iterations"] - domain_correction.TOY_DEFAULTS["warm_up"]
+    assert benchmark.same_unet_updates(False) == ["--iterations", str(full)]
+    assert benchmark.same_unet_updates(True) == ["--iterations", "30"]  # QUICK: 40 iterations, 10 of warm-up
+    args = common.parse_args(benchmark.Args, ["--claims", "--quick", "--erasure_seeds", "1"])
+    plan = benchmark.claims_plan(args, benchmark.Path("w"), 1, benchmark.CLAIMS)
+    mse = next(r for r in plan["circle"] if r[0] == "domain_correction_mse")
+    assert mse[4][-4:] == ["--iterations", "30", "--seed", "42"] and "--unlearn_loss" in mse[4]
