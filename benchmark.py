@@ -1064,7 +1064,7 @@ def claim_verdict(default: dict, ablation: dict, keys: list[str], need: str) -> 
     for key in keys:
         verdict = separated(default.get(key), ablation.get(key))
         if not verdict:
-            per.append("not separable")
+            per.append("not separable" + (" (one erasure seed: no sd)" if verdict is None else ""))
             continue
         better = default[key]["mean"] > ablation[key]["mean"] if key in HIGHER_IS_BETTER else \
             default[key]["mean"] < ablation[key]["mean"]
