@@ -1036,6 +1036,9 @@ def attack_chunk(pipe, attack: str, items: list[dict], chunk: list[int], origina
 ATTACK_KINDS = {"unlearndiffatk": ["unlearndiffatk"], "soft": ["soft"], "both": ["unlearndiffatk", "soft"], "none": []}
 
 
+SET_GROUP = False  # True while evaluate_set runs main once per concept in one process group
+
+
 def start_processes(args: Args) -> tuple[int, int, str]:
     """(rank, number of processes, device) of this process.  `torchrun --nproc_per_node N evaluate.py ...` sets
     RANK, WORLD_SIZE and LOCAL_RANK; the N processes then join one torch.distributed group and process r uses
@@ -1059,8 +1062,16 @@ def start_processes(args: Args) -> tuple[int, int, str]:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     # a barrier may wait for hours while another process finishes its attacks (torchrun stops every process if one fails)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    if not dist.is_initialized():  # a set's evaluation (evaluate_set) keeps one group for all its concepts
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     return rank, world, device
+
+
+def end_processes(world: int):
+    """Leave the torch.distributed group start_processes joined, unless a set's evaluation holds it (a group
+    cannot be joined a second time in the same torchrun: evaluate_set ends it after its last concept)."""
+    if world > 1 and not SET_GROUP:
+        torch.distributed.destroy_process_group()
 
 
 def sync(world: int):
@@ -1677,17 +1688,26 @@ def evaluate_set(args: Args, argv: list[str]) -> dict:
     base = strip_flags(argv, ("--concept", "--concept_file", "--kind", "--output", "--alone", "--exclude", "--compare"))
     files = Path(tempfile.mkdtemp(prefix="concepts-"))
     results = {}
-    for info in infos:
-        concept = ["--concept", info["name"]] + (["--kind", args.kind] if args.kind else [])
-        if args.concept_file:  # this concept's own entry, as a one-concept file
-            entry = {k: v for k, v in info.items() if v is not None and k in common.CONCEPT_KEYS}
-            (files / "concept.json").write_text(json.dumps(dict(entry, others=info["others"] or [])))
-            concept += ["--concept_file", str(files / "concept.json")]
-        others = [n for n in names if n != info["name"]]
-        results[info["name"]] = main(base + concept + ["--output", str(out / info["name"].replace(" ", "_")),
-                                                       "--compare", *args.compare, *alone.values(),
-                                                       *(["--exclude", *others] if others else [])])
+    global SET_GROUP
+    SET_GROUP = True  # under torchrun, one process group for every concept's evaluation (ended below)
+    try:
+        for info in infos:
+            concept = ["--concept", info["name"]] + (["--kind", args.kind] if args.kind else [])
+            if args.concept_file:  # this concept's own entry, as a one-concept file
+                entry = {k: v for k, v in info.items() if v is not None and k in common.CONCEPT_KEYS}
+                (files / "concept.json").write_text(json.dumps(dict(entry, others=info["others"] or [])))
+                concept += ["--concept_file", str(files / "concept.json")]
+            others = [n for n in names if n != info["name"]]
+            results[info["name"]] = main(base + concept + ["--output", str(out / info["name"].replace(" ", "_")),
+                                                           "--compare", *args.compare, *alone.values(),
+                                                           *(["--exclude", *others] if others else [])])
+    finally:
+        SET_GROUP = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     shutil.rmtree(files, ignore_errors=True)
+    if any(r is None for r in results.values()):  # under torchrun, process 0 alone writes the set's report
+        return None
     set_rows = len(erased_folders(args))  # rows 1..set_rows of each result are the set models, then the alone ones
     report, flags, per_concept = set_tables(results, set_rows, list(alone), args.set_margin)
     out.mkdir(parents=True, exist_ok=True)
@@ -1841,7 +1861,7 @@ def run_evaluation(argv, start: float, hold: dict):
     hold.pop("journal").close()
     sync(world)
     if rank != 0:  # process 0 alone writes the report
-        torch.distributed.destroy_process_group()
+        end_processes(world)
         return None
 
     # 3. the table, from the journal and the kept images
@@ -1896,8 +1916,7 @@ def run_evaluation(argv, start: float, hold: dict):
         if path.name != "journal.jsonl":
             path.unlink()
     write_atomic(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics_json, indent=1, default=str)))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    end_processes(world)
     print(table)
     print(f"\nprotocol: {json.dumps(proto, default=str)}")
     for r in below:

@@ -14,6 +14,17 @@ torch.set_num_threads(1)
 import common  # noqa: E402
 
 
+def refused(capsys, call) -> str:
+    """Run call(); it must stop with exit status 2 and one line on stderr, which is returned (the project's
+    rule for a user mistake: one sentence, no traceback, nothing written)."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    message = str(exc.value)
+    assert exc.value.code == 2 and message.startswith("error: ") and "\n" not in message
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    return message
+
+
 def build_sd_like(folder: Path) -> Path:
     """A randomly initialised pipeline with SD v1.4's interface, saved in diffusers layout: the real
     CLIP BPE tokenizer (49,408 ids, 77 tokens), 768-wide context, 4-channel latents (VAE factor 8) and

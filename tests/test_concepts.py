@@ -9,18 +9,9 @@ import common
 import esd
 import evaluate
 import uce
+from conftest import refused
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def refused(capsys, call) -> str:
-    """call() must stop with exit status 2 and one line on stderr; the line is returned."""
-    with pytest.raises(SystemExit) as exc:
-        call()
-    message = str(exc.value)
-    assert exc.value.code == 2 and message.startswith("error: ") and "\n" not in message
-    assert capsys.readouterr().err.strip().splitlines()[-1] == message
-    return message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +164,6 @@ def test_sage_runs_a_new_style_on_the_sd_interface(sd_like_path, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["concept"]["kind"] == "style" and config["concept"]["anchor"] == "art"
     assert config["words"] == ["claude monet"]
-
 
 
 def test_a_folder_or_non_utf8_file_is_named_as_such(tmp_path, capsys):

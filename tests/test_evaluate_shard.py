@@ -318,3 +318,36 @@ def test_resume_a_finished_run_keeps_its_time(reference, tmp_path):
     again = json.loads((out / "metrics.json").read_text())["evaluation_seconds"]
     assert again > first - 2  # (the first run's time after its last journal line is not counted)
     assert_same_evaluation(out, reference / "reference")
+
+
+def set_argv(erased: Path, out: Path, *extra) -> list[str]:
+    return ["--model", "toy", "--concept", "circle", "--concept", "red", "--erased", str(erased), "--seeds", "1",
+            "--far_seeds", "1", "--limit", "2", "--steps", "5", "--attack", "none", "--device", "cpu",
+            "--output", str(out), *extra]
+
+
+def test_a_set_under_torchrun_and_resumed_equals_one_uninterrupted_process(tmp_path):
+    """A model that erased two concepts: torchrun with 2 processes keeps one process group for both concepts'
+    evaluations and writes the same set_metrics.json and per-concept metrics.json as one process; a set run cut
+    after its first concept (the second concept's folder and the set's report missing) and resumed equals it too."""
+    import uce
+
+    uce.main(["--model", "toy", "--concept", "circle", "--concept", "red", "--output", str(tmp_path / "uce2")])
+    evaluate.main(set_argv(tmp_path / "uce2", tmp_path / "one"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "evaluate.py"), *set_argv(tmp_path / "uce2", tmp_path / "two")],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shutil.copytree(tmp_path / "one", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "red")
+    for name in ("report.md", "set_metrics.json"):
+        (tmp_path / "cut" / name).unlink()
+    evaluate.main(set_argv(tmp_path / "uce2", tmp_path / "cut", "--resume"))
+    expected = json.loads((tmp_path / "one" / "set_metrics.json").read_text())
+    assert {r["concept"] for r in expected["rows"]} == {"circle", "red"}
+    for out in ("two", "cut"):
+        assert json.loads((tmp_path / out / "set_metrics.json").read_text()) == expected, out
+        for concept in ("circle", "red"):
+            assert metrics(tmp_path / out / concept) == metrics(tmp_path / "one" / concept), (out, concept)
+    lines = journal_lines(tmp_path / "two" / "red" / "journal.jsonl")[1:]
+    assert {x["process"] for x in lines} == {0, 1}  # the second concept was shared out too

@@ -21,6 +21,7 @@ import realera
 import sage
 import sgrace
 import uce
+from conftest import refused
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"esd": esd, "uce": uce, "sage": sage, "realera": realera, "domain_correction": domain_correction,
@@ -49,16 +50,6 @@ def no_loading(monkeypatch):
         raise Loaded()
 
     monkeypatch.setattr(common, "load_pipeline", load)
-
-
-def refused(capsys, call) -> str:
-    """Run call(); it must stop with exit status 2 and one line on stderr, which is returned."""
-    with pytest.raises(SystemExit) as exc:
-        call()
-    message = str(exc.value)
-    assert exc.value.code == 2 and message.startswith("error: ") and "\n" not in message
-    assert capsys.readouterr().err.strip().splitlines()[-1] == message
-    return message
 
 
 def field_kinds(module) -> dict:
