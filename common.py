@@ -473,6 +473,8 @@ def concept_entry(entry, path: str) -> dict:
     for key in ("name", "kind", "words"):
         if not entry.get(key):
             die(f"{path} needs '{key}' ({CONCEPT_KEYS[key]}).")
+    if isinstance(entry["kind"], str):
+        entry["kind"] = entry["kind"].strip().lower()  # as --kind: "Style" is style
     if entry["kind"] not in KINDS:
         die(f"{path}: 'kind' must be one of {', '.join(KINDS)}, not '{entry['kind']}'.")
     methods = ("esd", "uce", "sage", "realera", "domain_correction", "sgrace")

@@ -655,9 +655,8 @@ def fidelity_metrics(args: Args, device) -> dict:
     """FID (torchmetrics' FrechetInceptionDistance: torch-fidelity's Inception-v3, 2048-d pool features) and CLIP
     score (torchmetrics' CLIPScore: 100 x max(cosine, 0), ESD/MACE's unit; AdvUnlearn reports the raw cosine),
     built before the model loads so that missing packages or weights stop with one sentence.  torchmetrics is
-    the one library used: it installs beside any torch without torchvision (clean-fid and torch-fidelity pull
-    their own torch and torchvision); its FID needs torch-fidelity's network and weights, its CLIP score only
-    transformers."""
+    the one library called: it is maintained with torch, and its CLIP score needs only transformers; its FID
+    uses torch-fidelity's Inception network and weights (requirements.txt), which we do not call directly."""
     metrics = {}
     if not (args.fid_reference or args.clip_score):
         return metrics

@@ -49,7 +49,7 @@ class Args:
     concept (toy), or any other concept with --kind or --concept_file; repeat the flag to erase several at once"""
     kind: str | None = None
     """what kind of concept it is: 'object', 'style' or 'nudity' (needed for a concept that is not built in; beats
-    the concept file's kind); it picks the method's per-kind defaults"""
+    the concept file's kind); it picks the concept's default anchor and templates (common.KIND_ANCHORS, KIND_TEMPLATES); SAGE has no other per-kind setting"""
     concept_file: str | None = None
     """a concept file (JSON: words, held-out words, near concepts, anchor, templates; docs/concepts.md) describing
     the concept; --concept may then be left out"""

@@ -180,6 +180,13 @@ def test_kind_is_case_insensitive_and_colour_is_a_toy_kind(capsys):
         capsys, lambda: common.parse_args(uce.Args, ["--concept", "red", "--kind", "colour"]))
 
 
+def test_a_files_kind_is_case_insensitive_as_the_flag_is(tmp_path):
+    path = tmp_path / "monet.json"
+    path.write_text(json.dumps({"name": "Claude Monet", "kind": " Style", "words": ["Claude Monet"]}))
+    info = common.concept_info(None, common.SD14, concept_file=str(path))
+    assert info["kind"] == "style" and info["anchor"] == "art"
+
+
 def test_esd_and_uce_read_their_own_anchor_from_the_file(tmp_path):
     """The file's 'anchors' entry for esd / uce replaces the paper's target; the plain 'anchor' does not."""
     path = tmp_path / "teddy.json"
