@@ -1057,7 +1057,11 @@ def erased_output(method: str, infos: list[dict], args) -> Path:
     place of the one-run model of the same concepts)."""
     start = getattr(args, "start_from", None)
     after = f"-after-{Path(start).resolve().name}" if start else ""
-    return Path(args.output or f"outputs/{method}-{set_name(infos)}{after}")
+    out = Path(args.output or f"outputs/{method}-{set_name(infos)}{after}")
+    if start and out.resolve() == Path(start).resolve():
+        die(f"--output {out} is the --start_from model, which a sequential run must not replace; leave --output out "
+            f"(it then writes {Path('outputs') / (method + '-' + set_name(infos) + after)}) or name a new folder.")
+    return out
 
 
 def read_erased_config(folder) -> dict:

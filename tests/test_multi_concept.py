@@ -293,3 +293,8 @@ def test_a_start_model_of_another_base_is_refused(tmp_path, sd_like_path, capsys
     assert "erased from 'toy'" in message and not (tmp_path / "out").exists()
     message = refused(capsys, lambda: run(uce, ["--model", "toy", "--concept", "red", "--start_from", str(tmp_path)]))
     assert "is not an erased model" in message
+    before = (tmp_path / "toy" / "erased.safetensors").read_bytes()
+    message = refused(capsys, lambda: run(uce, ["--model", "toy", "--concept", "red", "--start_from", str(tmp_path / "toy"),
+                                                "--output", str(tmp_path / "toy")]))
+    assert "is the --start_from model" in message
+    assert (tmp_path / "toy" / "erased.safetensors").read_bytes() == before  # the start model is untouched
