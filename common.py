@@ -1008,8 +1008,7 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
                   "python": platform.python_version(), "torch": torch.__version__,
                   "diffusers": diffusers.__version__, "transformers": transformers.__version__}, **(extra or {})}
     if start is not None:
-        here = [i["name"] for i in config.get("concepts") or ([concept] if concept else [])]
-        config.update(start_from=started, erased_concepts=erased_concepts(start["config"]) + here)
+        config.update(start_from=started, erased_concepts=erased_concepts(start["config"]) + erased_concepts(config))
 
     def write(tmp):
         save_file(tensors, tmp / "erased.safetensors")
@@ -1057,10 +1056,11 @@ def erased_output(method: str, infos: list[dict], args) -> Path:
     place of the one-run model of the same concepts)."""
     start = getattr(args, "start_from", None)
     after = f"-after-{Path(start).resolve().name}" if start else ""
-    out = Path(args.output or f"outputs/{method}-{set_name(infos)}{after}")
+    default = Path(f"outputs/{method}-{set_name(infos)}{after}")
+    out = Path(args.output) if args.output else default
     if start and out.resolve() == Path(start).resolve():
         die(f"--output {out} is the --start_from model, which a sequential run must not replace; leave --output out "
-            f"(it then writes {Path('outputs') / (method + '-' + set_name(infos) + after)}) or name a new folder.")
+            f"(it then writes {default}) or name a new folder.")
     return out
 
 
