@@ -159,7 +159,7 @@ class Args:
     """'cuda' or 'cpu' (default: cuda when available)"""
 
 
-# --model toy: sized for ~2-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
+# --model toy: lr and iterations checked by docs/budgets.md's rule on the development concepts (kept by its fallback).
 TOY_DEFAULTS = dict(n_anchor_images=32, anchor_guidance=common.TOY_SAMPLING["guidance"], iterations=400,
                     warm_up=100, batch_size=4, lr=5e-4, dlr=1e-3, unet_batch=64)
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).

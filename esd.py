@@ -104,8 +104,8 @@ class Args:
 # The miniature world's colours play the role of styles. --train_method beats the table.
 KIND_DEFAULTS = {"style": dict(train_method="xattn"), "object": dict(train_method="noxattn"),
                  "nudity": dict(train_method="noxattn"), "colour": dict(train_method="xattn")}
-# --model toy: sized for about 1-2 minutes on 2 CPU cores (provisional until tuned on the trained model).
-TOY_DEFAULTS = dict(iterations=200, lr=2e-4, batch_size=2, ddim_steps=common.TOY_SAMPLING["steps"])
+# --model toy: lr and iterations chosen by docs/budgets.md's rule on the development concepts (triangle, blue).
+TOY_DEFAULTS = dict(iterations=200, lr=1e-4, batch_size=2, ddim_steps=common.TOY_SAMPLING["steps"])
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
 LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), sampler=("ddim", "pndm"),
               output="erased-model output", train_method=("xattn", "noxattn", "full", "esd-x", "esd-u", "esd-all",

@@ -141,8 +141,8 @@ class Args:
     """'cuda' or 'cpu' (default: cuda when available)"""
 
 
-# --model toy: sized for about 2-3 minutes on 2 CPU cores.
-TOY_DEFAULTS = dict(iterations=200, lr=3e-4, ddim_steps=common.TOY_SAMPLING["steps"], warm_up=40,
+# --model toy: lr and iterations chosen by docs/budgets.md's rule on the development concepts (triangle, blue).
+TOY_DEFAULTS = dict(iterations=300, lr=3e-4, ddim_steps=common.TOY_SAMPLING["steps"], warm_up=40,
                     global_batch=64, local_batch=3, local_pool=64, unet_batch=64)
 # What each flag may be: checked by common.parse_args before anything loads (the rules: common.check_args).
 LIMITS = dict(sample_steps="[1, 1000]", mixed_precision=("no", "fp16", "bf16"), unet_batch=">= 1",

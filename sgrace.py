@@ -169,7 +169,7 @@ KIND_ROWS = {"object": "church", "style": "van gogh", "nudity": "nudity", "colou
 PROMPT_KINDS = {"object": "object", "style": "style", "nudity": "harmful", "colour": "object"}
 ANCHOR_TEMPLATES = ["a photo of {}", "a picture of {}", "a image of {}"]  # official, chosen at random per anchor
 
-# --model toy: sized for ~1-3 minutes on 2 CPU cores (provisional until tuned on the trained model).
+# --model toy: lr and rounds checked by docs/budgets.md's rule on the development concepts (kept by its fallback).
 # The toy's token embeddings have std ~1 (SD's ~0.014), hence the larger attack step.
 TOY_DEFAULTS = dict(rounds=8, adv_samples=8, random_ids=1, min_words=1, max_words=3, separator=" ", p_update=0.3,
                     adv_lr=0.3, lr=1e-3, w_sim=1.0, w_param=0.2, w_anchor=1.0, n_anchors=8, latent_steps=25)
