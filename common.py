@@ -496,6 +496,11 @@ def concept_entry(entry, path: str) -> dict:
     if "templates" in entry and len(entry["templates"]) < 2:
         die(f"{path}: give at least two templates (the methods' samples.png fills the second), or "
             f"leave 'templates' out to take the kind's.")
+    if "," in entry["name"]:  # a file has no --concept to repeat: say how the file itself is written
+        names = [c.strip() for c in entry["name"].split(",") if c.strip()]
+        die(f"{path}: the name '{entry['name']}' has a comma; a concept's name is one concept" +
+            (f": to erase {' and '.join(repr(n) for n in names[:3])} together, give each its own entry in a JSON list "
+             f"(docs/concepts.md)" if len(names) > 1 else "") + ", or write the name without the comma.")
     check_concept(entry["name"])
     kind = entry["kind"]
     return dict(name=entry["name"].strip().lower(), kind=kind, words=list(entry["words"]),
@@ -1008,7 +1013,8 @@ def save_erased(out_dir, tensors: dict, method: str, args, base, seconds: float,
                   "python": platform.python_version(), "torch": torch.__version__,
                   "diffusers": diffusers.__version__, "transformers": transformers.__version__}, **(extra or {})}
     if start is not None:
-        config.update(start_from=started, erased_concepts=erased_concepts(start["config"]) + erased_concepts(config))
+        config.update(start_from=started, erased_concepts=list(dict.fromkeys(
+            erased_concepts(start["config"]) + erased_concepts(config))))  # a concept erased again is listed once
 
     def write(tmp):
         save_file(tensors, tmp / "erased.safetensors")
@@ -1045,7 +1051,7 @@ def erased_concepts(config: dict) -> list[str]:
     """The names of every concept an erased model's config.json says it erased: its concept or concepts, after
     those of the models it started from (--start_from), in the order they were erased."""
     if "erased_concepts" in config:
-        return list(config["erased_concepts"])
+        return list(dict.fromkeys(config["erased_concepts"]))
     infos = config.get("concepts") or ([config["concept"]] if config.get("concept") else [])
     return [i["name"] for i in infos if isinstance(i, dict) and "name" in i]
 
@@ -1061,6 +1067,12 @@ def erased_output(method: str, infos: list[dict], args) -> Path:
     if start and out.resolve() == Path(start).resolve():
         die(f"--output {out} is the --start_from model, which a sequential run must not replace; leave --output out "
             f"(it then writes {default}) or name a new folder.")
+    if start:  # erasing again what the start model erased is allowed (e.g. to erase it harder), but said
+        again = [i["name"] for i in infos if i["name"] in erased_concepts(read_erased_config(start))]
+        if again:
+            print(f"note: {start} already erased {', '.join(again)}; this run erases "
+                  f"{'it' if len(again) == 1 else 'them'} again on top (config.json lists each concept once).",
+                  file=sys.stderr)
     return out
 
 
@@ -1125,6 +1137,10 @@ def check_erased(pipe, folder) -> dict:
             die(f"{folder} was erased from '{erased_from}', not from '{here}'; pass --model {erased_from}.")
         return config
     if base_fingerprint(pipe, header, usable[:1])[usable[0]] != recorded[usable[0]]:
+        if same_model_name(erased_from, here):  # same name, other weights: naming it twice would not help
+            die(f"{folder} was erased from '{erased_from}' with other weights than '{here}' holds now (its fingerprint "
+                f"differs): the model at that name has changed since; erase again from it, or pass --model with a "
+                f"copy of the weights it was erased from.")
         die(f"{folder} was erased from '{erased_from}', and '{here}' holds other weights (its fingerprint differs); "
             f"pass --model {erased_from} or a copy of those same weights.")
     return config

@@ -46,6 +46,19 @@ def test_config_records_the_base_fingerprint(erased):
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in config["base_fingerprint"]["sha256"].values())
 
 
+def test_the_same_name_with_other_weights_says_the_model_changed(erased, tmp_path, capsys):
+    """An erased model whose recorded base is the very folder given, whose weights have changed since: the
+    refusal says so, instead of advising the same --model it was given."""
+    shutil.copytree(erased / "uce", tmp_path / "uce")
+    config = json.loads((tmp_path / "uce" / "config.json").read_text())
+    (tmp_path / "uce" / "config.json").write_text(json.dumps(dict(config, base_model=str(erased / "other"))))
+    other = common.load_pipeline(str(erased / "other"), device="cpu")
+    with pytest.raises(SystemExit) as exc:
+        common.load_erased(other, tmp_path / "uce")
+    message = str(exc.value)
+    assert "has changed since" in message and "pass --model" not in message.split(";")[0] and "\n" not in message
+
+
 def test_the_same_weights_are_accepted_under_any_spelling(erased, monkeypatch):
     """Relative, ./relative, trailing slash, absolute, and the bundled original the copy was made from."""
     monkeypatch.chdir(erased)

@@ -2,6 +2,7 @@
 concept-file lists, the stacked closed forms against torch.linalg.lstsq, {A} through the list path against A
 through the single path, and every method end to end on two miniature-world concepts with tiny budgets."""
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,14 @@ def test_refusals_of_the_set(tmp_path, capsys):
     empty.write_text("[]")
     assert "non-empty list" in refused(capsys, lambda: common.read_concept_files(empty))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_comma_in_a_list_files_name_says_split_it_into_entries(tmp_path, capsys):
+    """A concept file has no --concept to repeat: its refusal says to give each concept its own entry."""
+    listed = tmp_path / "set.json"
+    listed.write_text(json.dumps([dict(json.loads(MONET.read_text()), name="claude monet, van gogh")]))
+    message = refused(capsys, lambda: common.read_concept_files(listed))
+    assert "has a comma" in message and "its own entry in a JSON list" in message and "repeat the flag" not in message
 
 
 def test_a_list_file_names_its_concepts():
@@ -245,6 +254,22 @@ def test_merge_start_by_hand(tmp_path):
     assert record["kept_tensors"] == 1 and record["replaced_tensors"] == 1 and record["method"] == "uce"
     assert common.erased_concepts(dict(start_from=record, erased_concepts=["circle", "red"])) == ["circle", "red"]
     assert common.erased_concepts(dict(concept=None, concepts=[dict(name="a"), dict(name="b")])) == ["a", "b"]
+    assert common.erased_concepts(dict(erased_concepts=["circle", "red", "circle"])) == ["circle", "red"]
+
+
+def test_erasing_again_what_the_start_model_erased_is_said(tmp_path, capsys):
+    """--start_from a model that already erased circle, erasing circle again: allowed, with a one-line note."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "start").mkdir()
+    save_file({"unet.a": torch.zeros(1)}, tmp_path / "start" / "erased.safetensors")
+    (tmp_path / "start" / "config.json").write_text(json.dumps(dict(
+        format=common.FORMAT, base_model="toy", method="uce", concept=dict(name="circle"))))
+    args = types.SimpleNamespace(start_from=str(tmp_path / "start"), output=None)
+    common.erased_output("uce", [dict(name="red")], args)
+    assert "already erased" not in capsys.readouterr().err
+    common.erased_output("uce", [dict(name="circle"), dict(name="red")], args)
+    assert "already erased circle; this run erases it again" in capsys.readouterr().err
 
 
 def test_a_sequential_run_keeps_the_first_erasure_and_loads(tmp_path):
