@@ -6,6 +6,7 @@
     python benchmark.py --claims --reuse   # each paper's headline claim as an ablation (RESULTS.md's claims section)
     python benchmark.py --scale sd --model outputs/sd14-random   # memory and cost at SD v1.4 size (hours on a CPU)
     python benchmark.py --scale sets    # 2, 4 and 8 concepts at once, and two one after the other (~1 h on one core)
+    python benchmark.py --scale cross   # circle + red erased together vs each alone, on each concept (after the above)
     python benchmark.py --scale closed_form --model outputs/sd14-random --device cpu   # UCE, RealEra: 1 vs 100 artists
 
 Each erasure runs in its own process (one torch thread) with the method's default toy settings and seeds the
@@ -161,6 +162,12 @@ SETS_SECTION = ("<!-- sets: written by python benchmark.py --scale sets -->", "<
 FIRST_NAMES = ["anna", "boris", "clara", "dmitri", "elena", "felix", "greta", "hugo", "ines", "jonas"]
 FAMILY_NAMES = ["albrecht", "bellamy", "castellano", "dufresne", "eriksson", "fontaine", "gallagher", "hartmann",
                 "ivanova", "jablonski"]
+# --scale cross: the cross-concept table. SETS[2] erased in one run vs each of its concepts erased alone (the toy
+# benchmark's first-seed folders when their settings match, else erased here), every model evaluated on each concept.
+CROSS_EVAL = ["--attack", "none", "--far_seeds", "1"]  # own-word and held-out rates only; far is not tabulated
+CROSS_SECTION = ("<!-- cross: written by python benchmark.py --scale cross -->", "<!-- /cross -->")
+# config.json `args` that may differ between a one-concept run and the set run and still be the same settings
+CROSS_FREE_ARGS = {"concept", "concept_file", "output", "train_method", "start_from", "samples", "kind", "words"}
 CLOSED_FORM_RUNS = [("uce", 1), ("uce", 100), ("realera", 1), ("realera", 100)]
 CLOSED_FORM_FLAGS = {"uce": [], "realera": ["--stage", "closed_form"]}  # RealEra: stage 1 (Eq. 3) alone
 CLOSED_FORM_SECTION = ("<!-- closed-form: written by python benchmark.py --scale closed_form -->", "<!-- /closed-form -->")
@@ -181,7 +188,8 @@ class Args:
     runs.jsonl"""
     scale: str = "toy"
     """'toy' (the miniature-world benchmark), 'sd' (memory and cost of every method on a full-size SD v1.4), 'sets'
-    (the miniature world's 2-, 4- and 8-concept sets, and a sequential run: SETS) or 'closed_form' (UCE's and
+    (the miniature world's 2-, 4- and 8-concept sets, and a sequential run: SETS), 'cross' (SETS[2] erased together
+    vs each concept alone, on each concept: the cross-concept table) or 'closed_form' (UCE's and
     RealEra's closed-form solve for 1 and 100 concepts on the full-size model)"""
     model: str = "outputs/sd14-random"
     """--scale sd and closed_form: the full-size pipeline (python sdscale.py --output outputs/sd14-random builds one)"""
@@ -1394,6 +1402,130 @@ def sets_scale(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# --scale cross: the set vs each concept erased alone, on each concept
+# ---------------------------------------------------------------------------------------------
+def cross_eval(quick: bool) -> list[str]:
+    """evaluate.py's flags for the cross table: CROSS_EVAL, or with --quick the benchmark's QUICK_EVAL, no attack."""
+    return ["--attack", "none", *QUICK_EVAL] if quick else CROSS_EVAL
+
+
+def same_settings(folder: Path, reference: Path) -> bool:
+    """Whether the erased model `folder` was made with `reference`'s settings (config.json `args`), apart from
+    which concept(s) it erased and where it was written (CROSS_FREE_ARGS)."""
+    if not (folder / "erased.safetensors").exists():
+        return False
+    a, b = (json.loads((f / "config.json").read_text()).get("args", {}) for f in (folder, reference))
+    return {k: v for k, v in a.items() if k not in CROSS_FREE_ARGS} == \
+        {k: v for k, v in b.items() if k not in CROSS_FREE_ARGS}
+
+
+def cross_body(concepts: list[str], models: dict, metrics: dict, seconds: float, reused: list[str], quick: bool) -> str:
+    """The cross section of RESULTS.md: per method, its set model and each one-concept model, on each concept
+    (own-word and held-out rate with 95 % Wilson intervals), and one line per method naming only the differences
+    whose intervals do not overlap."""
+    rows = {c: rows_by_folder(metrics[c]) for c in concepts}
+
+    def cell(concept, folder, suite):
+        row = rows[concept]["original" if folder == "original" else str(Path(folder).resolve())]
+        return row["counts"].get(suite, [0, 0])
+
+    def apart(a, b):  # 95 % intervals that do not overlap
+        (la, ha), (lb, hb) = (evaluate.wilson_interval(*x) for x in (a, b))
+        return ha < lb or hb < la
+
+    names = " + ".join(concepts)
+    lines = ["## Erasing two concepts together vs each alone (cross-concept table)", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `python benchmark.py --scale cross"
+             f"{' --quick' if quick else ''}` (code {git_commit()}, {seconds / 60:.0f} min). Each method erases "
+             f"{names} in one run (as in the sets section: " + "; ".join(f"{LABELS[m]} `{' '.join(f)}`" for m, f in
+                                                              SET_FLAGS.items()) + ", the first member's parameter "
+             "group) and each concept alone (each with its own kind's default), at its default toy settings and "
+             "first erasure seed" + (f"; the one-concept models are the toy benchmark's own "
+             f"first-seed folders ({len(reused)} of {len(models) * len(concepts)} reused: same settings)" if reused
+             else "") + ". Every model is evaluated on each concept with `evaluate.py --model toy --concept C --compare "
+             f"MODELS {' '.join(cross_eval(quick))}` (the other concept "
+             "`--exclude`d from near and far): % of images the judge labels as the concept, for its own words and "
+             "its held-out words (lower = better erased). Brackets: 95 % Wilson interval. Read a row across: "
+             "whether erasing one concept also erases (or protects) the other, and whether erasing the set erases "
+             "each concept as much as erasing it alone." + (" --quick budgets: NOT a result." if quick else ""), "",
+             "| model | " + " | ".join(f"{c} own-word % ↓ | {c} held-out % ↓" for c in concepts) + " |",
+             "|---" * (1 + 2 * len(concepts)) + "|"]
+    line = lambda label, folder: lines.append(f"| {label} | " + " | ".join(
+        f"{rate_cell(cell(c, folder, 'efficacy'))} | {rate_cell(cell(c, folder, 'generality'))}" for c in concepts) + " |")
+    line("original model", "original")
+    notes = []
+    for method, folders in models.items():
+        line(f"{LABELS[method]}: {names} together", folders["set"])
+        for c in concepts:
+            line(f"{LABELS[method]}: {c} alone", folders[c])
+        found = []
+        for c in concepts:
+            together, alone = cell(c, folders["set"], "efficacy"), cell(c, folders[c], "efficacy")
+            if apart(together, alone):
+                found.append(f"on {c}, the set leaves {rate_cell(together)} % vs {rate_cell(alone)} % for {c} alone")
+            for other in concepts:
+                if other != c:
+                    by_other, original = cell(c, folders[other], "efficacy"), cell(c, "original", "efficacy")
+                    if apart(by_other, original):
+                        found.append(f"erasing {other} alone moves {c} from {rate_cell(original)} % to "
+                                     f"{rate_cell(by_other)} %")
+        notes.append(f"- {LABELS[method]}: " + ("; ".join(found) if found else
+                                                 "no difference outside the intervals") + ".")
+    lines += ["", "Differences whose 95 % intervals do not overlap (own-word rate):", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def cross_scale(args):
+    """--scale cross: every method erases SETS[2] in one run (outputs/benchmark-cross/<method>-set) and each of its
+    concepts alone (the toy benchmark's first-seed folder outputs/benchmark/<method>-<concept>-s<seed> when it holds
+    a model of the same settings, else outputs/benchmark-cross/<method>-<concept>), --jobs at a time; then one
+    evaluate.py run per concept over every model; then the cross section of RESULTS.md (CROSS_SECTION). With
+    --reuse, a finished set erasure is kept."""
+    concepts = SETS[2]
+    bench, work = Path(args.output) / "outputs" / "benchmark", Path(args.output) / "outputs" / "benchmark-cross"
+    work.mkdir(parents=True, exist_ok=True)
+    start, models, reused = time.time(), {}, []
+    for method in args.methods:  # the set models first: their settings decide which one-concept folders fit
+        seed = method_seeds(method, 1)[0]
+        flags = [*(QUICK[method] if args.quick else []), *([] if seed is None else ["--seed", str(seed)])]
+        folder = work / f"{method}-set"
+        if not (args.reuse and (folder / "erased.safetensors").exists()):
+            erase_set(method, concepts, folder, extra=[*SET_FLAGS.get(method, []), *flags])
+        models[method] = {"set": folder}
+        print(f"{method}: {'+'.join(concepts)} erased ({(time.time() - start) / 60:.1f} min so far)", flush=True)
+    jobs = []
+    for method in args.methods:
+        seed = method_seeds(method, 1)[0]
+        flags = [*(QUICK[method] if args.quick else []), *([] if seed is None else ["--seed", str(seed)])]
+        for concept in concepts:
+            folder = seed_folder(bench, method, concept, seed)
+            if same_settings(folder, models[method]["set"]):
+                reused.append(str(folder))
+            else:
+                folder = work / f"{method}-{concept}"
+                if not (args.reuse and same_settings(folder, models[method]["set"])):
+                    jobs.append(dict(name=str(folder), run=functools.partial(run_erasure, method, concept, folder, flags)))
+            models[method][concept] = folder
+    run_jobs(jobs, args.jobs)
+    metrics = {}
+
+    def evaluation(concept):
+        folders = [f for m in models.values() for f in m.values()]
+        others = [c for c in concepts if c != concept]
+        metrics[concept] = evaluate_folders(concept, folders, work / f"eval-{concept}",
+                                            [*cross_eval(args.quick), "--exclude", *others],
+                                            resume=False)
+        print(f"eval-{concept}: {metrics[concept]['evaluation_seconds']:.0f} s", flush=True)
+
+    run_jobs([dict(name=c, run=functools.partial(evaluation, c)) for c in concepts], args.jobs)
+    body = cross_body(concepts, models, metrics, time.time() - start, reused, args.quick)
+    results = Path(args.output) / ("RESULTS_quick.md" if args.quick else "RESULTS.md")
+    write_section(results, body, CROSS_SECTION)
+    print(f"wrote the cross section of {results}")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
 # --scale closed_form: UCE's and RealEra's closed form for 1 and 100 concepts on the full-size model
 # ---------------------------------------------------------------------------------------------
 def artist_names(n: int) -> list[str]:
@@ -1505,7 +1637,7 @@ def closed_form_scale(args):
 def main(argv=None):
     """benchmark.py's command line (see the module docstring)."""
     args = common.parse_args(Args, argv, limits=dict(methods=tuple(METHODS), concepts="non-empty", output="non-empty",
-                                                     scale=("toy", "sd", "sets", "closed_form"), precisions=("no", "half", "fp16", "bf16", "half+", "fp16+", "bf16+"),
+                                                     scale=("toy", "sd", "sets", "cross", "closed_form"), precisions=("no", "half", "fp16", "bf16", "half+", "fp16+", "bf16+"),
                                                      erasure_seeds=">= 1", jobs=">= 1", dev_concepts="non-empty",
                                                      claim_concepts="non-empty"))
     if not args.methods or not args.concepts:
@@ -1513,9 +1645,9 @@ def main(argv=None):
     if any(p.exists() and not p.is_dir() for p in [Path(args.output), *Path(args.output).parents]):
         common.die(f"--output {args.output} is (or lies in) a file; choose a folder.")
     if args.select_budgets + args.claims + (args.scale != "toy") > 1:
-        common.die("--select_budgets, --claims and --scale sd / sets / closed_form are separate runs; give one of them.")
-    if args.scale in ("sd", "sets", "closed_form"):
-        return {"sd": sd_scale, "sets": sets_scale, "closed_form": closed_form_scale}[args.scale](args)
+        common.die("--select_budgets, --claims and --scale sd / sets / cross / closed_form are separate runs; give one of them.")
+    if args.scale in ("sd", "sets", "cross", "closed_form"):
+        return {"sd": sd_scale, "sets": sets_scale, "cross": cross_scale, "closed_form": closed_form_scale}[args.scale](args)
     if args.select_budgets:
         if not args.dev_concepts:
             common.die("--dev_concepts needs at least one concept.")

@@ -193,3 +193,44 @@ def test_closed_form_scale_names_and_peak_memory():
     assert len(set(names)) == 100 and not any("," in n for n in names) and benchmark.artist_names(1) == names[:1]
     report = "\tCommand being timed: \"python uce.py\"\n\tMaximum resident set size (kbytes): 2097152\n"
     assert benchmark.max_rss_gib(report) == 2.0 and benchmark.max_rss_gib("nothing") is None
+
+
+def test_cross_table_from_metrics_names_only_differences_outside_the_intervals(tmp_path):
+    """The cross section from two concepts' metrics.json rows: every model's own-word and held-out cells with their
+    Wilson interval (0 of 24: 0.0 [0.0, 13.8]); a method whose red-alone model also erases circle (0 of 24 vs the
+    original's 24 of 24) gets that named, one whose cells all overlap gets 'no difference'."""
+    models = {m: {"set": tmp_path / f"{m}-set", "circle": tmp_path / f"{m}-circle", "red": tmp_path / f"{m}-red"}
+              for m in ("esd", "uce")}
+
+    def row(folder, own):
+        return dict(folder=str(folder), counts=dict(efficacy=[own, 24], generality=[own * 2, 48]))
+
+    metrics = {}
+    for concept in ("circle", "red"):
+        rows = [dict(counts=dict(efficacy=[24, 24], generality=[48, 48]))]
+        for m, folders in models.items():
+            for key, folder in folders.items():
+                erased = key in ("set", concept) or (m == "esd" and key == "red")  # ESD's red erases circle too
+                rows.append(row(folder, 0 if erased else 22))
+        metrics[concept] = dict(rows=rows)
+    body = benchmark.cross_body(["circle", "red"], models, metrics, 120.0, [], quick=False)
+    assert "| original model | 100.0 [86.2, 100.0] | 100.0 [92.6, 100.0] | 100.0 [86.2, 100.0] |" in body
+    assert "| ESD: red alone | 0.0 [0.0, 13.8] | 0.0 [0.0, 7.4] | 0.0 [0.0, 13.8] |" in body
+    assert "- ESD: erasing red alone moves circle from 100.0 [86.2, 100.0] % to 0.0 [0.0, 13.8] %." in body
+    assert "- UCE: no difference outside the intervals." in body
+    assert "--compare MODELS --attack none --far_seeds 1`" in body
+
+
+def test_cross_reuses_a_one_concept_folder_only_with_the_same_settings(tmp_path):
+    """same_settings: the concept, output and ESD's train_method may differ; a budget flag may not; no model, no."""
+    def model(name, **args):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "erased.safetensors").write_bytes(b"x")
+        (tmp_path / name / "config.json").write_text(json.dumps(dict(args=args)))
+        return tmp_path / name
+
+    the_set = model("set", concept=["circle", "red"], output="a", train_method="noxattn", lr=1e-4, seed=0)
+    assert benchmark.same_settings(model("same", concept="circle", output="b", train_method="esd-u", lr=1e-4, seed=0),
+                                   the_set)
+    assert not benchmark.same_settings(model("other", concept="circle", output="b", lr=2e-4, seed=0), the_set)
+    assert not benchmark.same_settings(tmp_path / "missing", the_set)
