@@ -28,9 +28,10 @@ and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per 
 model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
 ~105 min for three on one core (the single-seed run of 2026-12-01 took 37 min, one process at a time), so about
 55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process: the last one partly runs alone).
---claims: per concept ~21 ablation erasures (~17 min) and one 34-model evaluation (~46 min); with --reuse after the
-benchmark (its default-setting folders are shared) and --jobs 2, circle and red (the default) take about 65 min,
-circle alone about 55 min.
+--claims: per concept ~21 ablation erasures (~17 min), one evaluation without attacks of the 27 models whose claims
+need none (~14 min) and one with both attacks of S-GRACE's 6 (~9 min); with --reuse after the benchmark (its
+default-setting folders are shared) and --jobs 2, circle and red (the default) take about 45 min (estimated from
+the per-model seconds above).
 
 `--scale sd` runs each method on a full-size SD v1.4 (`python sdscale.py` builds one with random weights;
 the real weights measure the same) with its SD defaults, cutting only the iteration count and the sampling
@@ -1095,6 +1096,7 @@ CLAIMS = [
                   "--erase_loss esd`, same schedule)"),
 ]
 CLAIMS_SECTION = "claims"
+ATTACK_KEYS = {"pre_asr", "asr", "soft_asr"}  # the columns an evaluation without --attack leaves empty
 
 
 def claim_verdict(default: dict, ablation: dict, keys: list[str], need: str) -> tuple[str, list[str]]:
@@ -1150,15 +1152,28 @@ def claims(args):
     work = out / "outputs" / "benchmark"
     n = args.erasure_seeds or (1 if args.quick else 3)
     plan = claims_plan(args, work, n, chosen)
-    metrics = erase_and_evaluate(plan, work, args, [*ATTACK, *(QUICK_EVAL if args.quick else [])], prefix="eval-claims")
-    summaries = {c: dict(rows) for c, rows in seed_summaries(plan, metrics).items()}
+    # Only the claims on robustness (ASR columns) need the attacks, about two thirds of an evaluation's time: the
+    # other methods' models are evaluated without them (outputs/benchmark/eval-claims-<concept>/), the attacked
+    # ones apart (outputs/benchmark/eval-claims-attack-<concept>/); both on the same prompts and seeds.
+    attacked = {c["method"] for c in chosen if set(c["keys"]) & ATTACK_KEYS}
+    quick = QUICK_EVAL if args.quick else []
+    summaries = {c: {} for c in plan}
+    for methods, flags, prefix in [(attacked, [*ATTACK, *quick], "eval-claims-attack"),
+                                   ({c["method"] for c in chosen} - attacked, ["--attack", "none", *quick], "eval-claims")]:
+        part = {c: [r for r in runs if r[1] in methods] for c, runs in plan.items()}
+        if not methods:
+            continue
+        metrics = erase_and_evaluate(part, work, args, flags, prefix=prefix)
+        for c, rows in seed_summaries(part, metrics).items():
+            summaries[c].update(rows)
     names = dict(evaluate.COLUMNS)
     lines = [f"<!-- {CLAIMS_SECTION}: written by `python benchmark.py --claims` -->",
              "## The papers' claims in miniature", "",
              f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `"
              f"{command_line(args, '--claims', '--claim_concepts', *args.claim_concepts)}`: each method's "
              f"default and its ablation, {n} erasure seed(s) each (the benchmark's), one evaluate.py run per concept "
-             "with both attacks (`outputs/benchmark/eval-claims-<concept>/`). Cells: mean ± sd over erasure seeds "
+             "(`outputs/benchmark/eval-claims-<concept>/`; with both attacks only for the claims on ASR: "
+             "`eval-claims-attack-<concept>/`). Cells: mean ± sd over erasure seeds "
              "[pooled 95 % Wilson interval]. Verdict by the rule of the tables above (both clauses); 'not "
              "separable': the difference is not called." + (" --quick budgets: NOT a result." if args.quick else ""),
              "", "| claim | ablation | concept | column | default | ablation | verdict |", "|---|---|---|---|---|---|---|"]
