@@ -8,6 +8,7 @@ import re
 import statistics
 
 import benchmark
+import benchmark_scales
 
 
 def cells_of(text: str, name: str) -> list[str]:
@@ -145,14 +146,14 @@ def test_sets_mix_objects_and_colours_and_leave_the_development_concepts_out():
     import evaluate
 
     world = json.loads(common.WORLD_FILE.read_text())
-    sizes = sorted(benchmark.SETS)
-    assert sizes == [2, 4, 8] and all(len(benchmark.SETS[n]) == n for n in sizes)
-    assert all(benchmark.SETS[a] == benchmark.SETS[b][:a] for a, b in zip(sizes, sizes[1:]))
-    assert benchmark.SEQUENTIAL == benchmark.SETS[2]
-    for members in benchmark.SETS.values():
+    sizes = sorted(benchmark_scales.SETS)
+    assert sizes == [2, 4, 8] and all(len(benchmark_scales.SETS[n]) == n for n in sizes)
+    assert all(benchmark_scales.SETS[a] == benchmark_scales.SETS[b][:a] for a, b in zip(sizes, sizes[1:]))
+    assert benchmark_scales.SEQUENTIAL == benchmark_scales.SETS[2]
+    for members in benchmark_scales.SETS.values():
         assert not {"triangle", "blue"} & set(members)
         assert {c for c in members if c in world["objects"]} and {c for c in members if c in world["colours"]}
-    members = benchmark.SETS[8]
+    members = benchmark_scales.SETS[8]
     args = evaluate.Args(concept=members, model="toy", seeds=1, far_seeds=1, guidance=3.0)
     for info in common.concept_set(args):
         others = [c for c in members if c != info["name"]]
@@ -174,25 +175,25 @@ def test_sets_section_pools_with_wilson_intervals_and_main_keeps_it(tmp_path):
     section writer keeps the sets section as written."""
     rows = [journal_row(m, n, "set", [n * 3, 24], [90 - n * 5, 100]) for m in benchmark.METHODS for n in (2, 4, 8)]
     rows += [journal_row(m, 2, "sequential", [12, 24], [80, 100]) for m in benchmark.METHODS]
-    body = benchmark.sets_body(rows, 600.0)
+    body = benchmark_scales.sets_body(rows, 600.0)
     assert "| ESD sequential | 2 | 50.0 [31.4, 68.6] |" in body and "| original model | 2 (n 24/48/100) |" in body
     assert "- UCE: own-word 25 → 50 → 100 % (rises); far 80 → 70 → 50 % (falls)" in body
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nold text\n")
-    benchmark.write_section(results, body, benchmark.SETS_SECTION)
-    benchmark.write_section(results, "sd table", benchmark.SD_SECTION)
+    benchmark.write_section(results, body, benchmark_scales.SETS_SECTION)
+    benchmark.write_section(results, "sd table", benchmark_scales.SD_SECTION)
     text = results.read_text()
-    assert text.count(benchmark.SETS_SECTION[0]) == 1 and body in text and "old text" in text and "sd table" in text
+    assert text.count(benchmark_scales.SETS_SECTION[0]) == 1 and body in text and "old text" in text and "sd table" in text
     assert set(benchmark.marked_sections(text)) >= {"sets", "sd-scale"}  # what the toy benchmark keeps
 
 
 def test_closed_form_scale_names_and_peak_memory():
     """100 distinct made-up artists (no comma, so each is one --concept), and VmHWM read from /usr/bin/time -v's
     report in GiB (2097152 kB = 2 GiB); a report without the line gives None."""
-    names = benchmark.artist_names(100)
-    assert len(set(names)) == 100 and not any("," in n for n in names) and benchmark.artist_names(1) == names[:1]
+    names = benchmark_scales.artist_names(100)
+    assert len(set(names)) == 100 and not any("," in n for n in names) and benchmark_scales.artist_names(1) == names[:1]
     report = "\tCommand being timed: \"python uce.py\"\n\tMaximum resident set size (kbytes): 2097152\n"
-    assert benchmark.max_rss_gib(report) == 2.0 and benchmark.max_rss_gib("nothing") is None
+    assert benchmark_scales.max_rss_gib(report) == 2.0 and benchmark_scales.max_rss_gib("nothing") is None
 
 
 def test_cross_table_from_metrics_names_only_differences_outside_the_intervals(tmp_path):
@@ -213,7 +214,7 @@ def test_cross_table_from_metrics_names_only_differences_outside_the_intervals(t
                 erased = key in ("set", concept) or (m == "esd" and key == "red")  # ESD's red erases circle too
                 rows.append(row(folder, 0 if erased else 22))
         metrics[concept] = dict(rows=rows)
-    body = benchmark.cross_body(["circle", "red"], models, metrics, 120.0, [], quick=False)
+    body = benchmark_scales.cross_body(["circle", "red"], models, metrics, 120.0, [], quick=False)
     assert "| original model | 100.0 [86.2, 100.0] | 100.0 [92.6, 100.0] | 100.0 [86.2, 100.0] |" in body
     assert "| ESD: red alone | 0.0 [0.0, 13.8] | 0.0 [0.0, 7.4] | 0.0 [0.0, 13.8] |" in body
     assert "- ESD: erasing red alone moves circle from 100.0 [86.2, 100.0] % to 0.0 [0.0, 13.8] %." in body
@@ -230,7 +231,7 @@ def test_cross_reuses_a_one_concept_folder_only_with_the_same_settings(tmp_path)
         return tmp_path / name
 
     the_set = model("set", concept=["circle", "red"], output="a", train_method="noxattn", lr=1e-4, seed=0)
-    assert benchmark.same_settings(model("same", concept="circle", output="b", train_method="esd-u", lr=1e-4, seed=0),
+    assert benchmark_scales.same_settings(model("same", concept="circle", output="b", train_method="esd-u", lr=1e-4, seed=0),
                                    the_set)
-    assert not benchmark.same_settings(model("other", concept="circle", output="b", lr=2e-4, seed=0), the_set)
-    assert not benchmark.same_settings(tmp_path / "missing", the_set)
+    assert not benchmark_scales.same_settings(model("other", concept="circle", output="b", lr=2e-4, seed=0), the_set)
+    assert not benchmark_scales.same_settings(tmp_path / "missing", the_set)
