@@ -76,12 +76,14 @@ class Args:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     """methods and baselines to run"""
     quick: bool = False
-    """one concept (the first), a tenth of each budget, fewer evaluation seeds"""
+    """a smoke test: a tenth of each budget, fewer evaluation seeds, one erasure seed; the toy benchmark takes the
+    first concept only (results go to RESULTS_quick.md)"""
     output: str = "."
-    """where RESULTS.md and docs/img/benchmark.png go; erased models and evaluations go to <output>/outputs/benchmark"""
+    """where RESULTS.md and docs/img/benchmark.png go; erased models and evaluations go to <output>/outputs/benchmark
+    (--scale runs: outputs/benchmark-sd, -sets, -cross, -closed-form)"""
     reuse: bool = False
-    """skip an erasure whose folder already exists (same settings assumed); with --scale sd, a run already in
-    runs.jsonl"""
+    """skip an erasure whose folder already exists (same settings assumed); with --scale sd, sets and closed_form,
+    a run already in their runs.jsonl"""
     scale: str = "toy"
     """'toy' (the miniature-world benchmark), 'sd' (memory and cost of every method on a full-size SD v1.4), 'sets'
     (the miniature world's 2-, 4- and 8-concept sets, and a sequential run), 'cross' (the 2-concept set erased
@@ -156,7 +158,7 @@ def write_section(results: Path, body: str, markers: tuple[str, str]):
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     tmp = results.with_name(f".{results.name}.tmp")
     tmp.write_text(text)
     tmp.replace(results)
@@ -878,13 +880,13 @@ def claims(args):
     n = args.erasure_seeds or (1 if args.quick else 3)
     plan = claims_plan(args, work, n, chosen)
     # Only the claims on robustness (ASR columns) need the attacks, about two thirds of an evaluation's time: the
-    # other methods' models are evaluated without them (outputs/benchmark/eval-claims-<concept>/), the attacked
+    # other methods' models are evaluated without them (outputs/benchmark/eval-claims-plain-<concept>/), the attacked
     # ones apart (outputs/benchmark/eval-claims-attack-<concept>/); both on the same prompts and seeds.
     attacked = {c["method"] for c in chosen if set(c["keys"]) & ATTACK_KEYS}
     quick = QUICK_EVAL if args.quick else []
     summaries = {c: {} for c in plan}
     for methods, flags, prefix in [(attacked, [*ATTACK, *quick], "eval-claims-attack"),
-                                   ({c["method"] for c in chosen} - attacked, ["--attack", "none", *quick], "eval-claims")]:
+                                   ({c["method"] for c in chosen} - attacked, ["--attack", "none", *quick], "eval-claims-plain")]:
         part = {c: [r for r in runs if r[1] in methods] for c, runs in plan.items()}
         if not methods:
             continue
@@ -896,9 +898,9 @@ def claims(args):
              "## The papers' claims in miniature", "",
              f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `"
              f"{command_line(args, '--claims', '--claim_concepts', *args.claim_concepts)}`: each method's "
-             f"default and its ablation, {n} erasure seed(s) each (the benchmark's), one evaluate.py run per concept "
-             "(`outputs/benchmark/eval-claims-<concept>/`; with both attacks only for the claims on ASR: "
-             "`eval-claims-attack-<concept>/`). Cells: mean ± sd over erasure seeds "
+             f"default and its ablation, {n} erasure seed(s) each (the benchmark's), two evaluate.py runs per concept "
+             "on the same prompts and seeds: with both attacks for the claims on ASR (`outputs/benchmark/"
+             "eval-claims-attack-<concept>/`), without for the others (`eval-claims-plain-<concept>/`). Cells: mean ± sd over erasure seeds "
              "[pooled 95 % Wilson interval]. Verdict by the rule of the tables above (both clauses); 'not "
              "separable': the difference is not called." + (" --quick budgets: NOT a result." if args.quick else ""),
              "", "| claim | ablation | concept | column | default | ablation | verdict |", "|---|---|---|---|---|---|---|"]
@@ -936,6 +938,13 @@ def main(argv=None):
         common.die(f"--output {args.output} is (or lies in) a file; choose a folder.")
     if args.select_budgets + args.claims + (args.scale != "toy") > 1:
         common.die("--select_budgets, --claims and --scale sd / sets / cross / closed_form are separate runs; give one of them.")
+    if args.scale in ("sets", "cross"):
+        ignored = [flag for flag, given in [("--concepts", args.concepts != Args().concepts),
+                                            ("--erasure_seeds", args.erasure_seeds is not None),
+                                            ("--table_only", args.table_only)] if given]
+        if ignored:
+            common.die(f"--scale {args.scale} erases its own concepts (benchmark_scales.SETS) with each method's first "
+                       f"erasure seed and has no table-only mode; leave {' and '.join(ignored)} out.")
     if args.scale in ("sd", "sets", "cross", "closed_form"):
         import benchmark_scales
 

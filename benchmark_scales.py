@@ -37,7 +37,7 @@ from pathlib import Path
 
 import common
 import evaluate
-from benchmark import (HERE, LABELS, METHODS, QUICK, QUICK_EVAL, append_line, evaluate_folders, git_commit,
+from benchmark import (HERE, LABELS, METHODS, QUICK, append_line, command_line, evaluate_folders, git_commit,
                        machine, method_seeds, read_journal_lines, rows_by_folder, run_erasure, run_jobs, seed_folder,
                        write_section)
 
@@ -250,7 +250,7 @@ def sd_scale(args):
     work = Path(args.output) / "outputs" / "benchmark-sd"
     work.mkdir(parents=True, exist_ok=True)
     journal = work / "runs.jsonl"
-    done = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    done = read_journal_lines(journal)
     for precision in [] if args.table_only else precisions:
         for method in args.methods:
             if precision.endswith("+") and method not in SD_MEMORY_FLAGS:
@@ -261,8 +261,7 @@ def sd_scale(args):
             row.update(code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=(torch.cuda.get_device_name(0) if args.device.startswith(
                 "cuda") else machine(torch.get_num_threads())))
             done = [r for r in done if (r["method"], r["precision"]) != (method, precision)] + [row]
-            with open(journal, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(journal, row)
             print(f"{method} {precision}: {row.get('peak_memory_mb', row.get('error'))} MB peak, "
                   f"{row['process_seconds']} s", flush=True)
     if not done:
@@ -506,7 +505,7 @@ def sets_scale(args):
 # ---------------------------------------------------------------------------------------------
 def cross_eval(quick: bool) -> list[str]:
     """evaluate.py's flags for the cross table: CROSS_EVAL, or with --quick the benchmark's QUICK_EVAL, no attack."""
-    return ["--attack", "none", *QUICK_EVAL] if quick else CROSS_EVAL
+    return ["--attack", "none", "--seeds", "2", "--far_seeds", "1"] if quick else CROSS_EVAL  # QUICK_EVAL, no attack
 
 
 def same_settings(folder: Path, reference: Path) -> bool:
@@ -519,7 +518,7 @@ def same_settings(folder: Path, reference: Path) -> bool:
         {k: v for k, v in b.items() if k not in CROSS_FREE_ARGS}
 
 
-def cross_body(concepts: list[str], models: dict, metrics: dict, seconds: float, reused: list[str], quick: bool) -> str:
+def cross_body(concepts: list[str], models: dict, metrics: dict, seconds: float, reused: list[str], args) -> str:
     """The cross section of RESULTS.md: per method, its set model and each one-concept model, on each concept
     (own-word and held-out rate with 95 % Wilson intervals), and one line per method naming only the differences
     whose intervals do not overlap."""
@@ -533,14 +532,14 @@ def cross_body(concepts: list[str], models: dict, metrics: dict, seconds: float,
         (la, ha), (lb, hb) = (evaluate.wilson_interval(*x) for x in (a, b))
         return ha < lb or hb < la
 
-    names = " + ".join(concepts)
+    names, quick = " + ".join(concepts), args.quick
+    set_flags = "; ".join(f"{LABELS[m]} `{' '.join(f)}`" for m, f in SET_FLAGS.items() if m in models)
     lines = ["## Erasing two concepts together vs each alone (cross-concept table)", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `python benchmark.py --scale cross"
-             f"{' --quick' if quick else ''}` (code {git_commit()}, {seconds / 60:.0f} min). Each method erases "
-             f"{names} in one run (as in the sets section: " + "; ".join(f"{LABELS[m]} `{' '.join(f)}`" for m, f in
-                                                              SET_FLAGS.items()) + ", the first member's parameter "
-             "group) and each concept alone (each with its own kind's default), at its default toy settings and "
-             "first erasure seed" + (f"; the one-concept models are the toy benchmark's own "
+             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `{command_line(args, '--scale', 'cross')}` "
+             f"(code {git_commit()}, {seconds / 60:.0f} min). Each method erases {names} in one run (as in the sets "
+             "section" + (f": {set_flags}, the first member's parameter group" if set_flags else "") + ") and each "
+             "concept alone" + (" (each with its own kind's default)" if set_flags else "") + ", at its "
+             + ("--quick budget" if quick else "default toy settings") + " and first erasure seed" + (f"; the one-concept models are the toy benchmark's own "
              f"first-seed folders ({len(reused)} of {len(models) * len(concepts)} reused: same settings)" if reused
              else "") + ". Every model is evaluated on each concept with `evaluate.py --model toy --concept C --compare "
              f"MODELS {' '.join(cross_eval(quick))}` (the other concept "
@@ -582,7 +581,9 @@ def cross_scale(args):
     evaluate.py run per concept over every model; then the cross section of RESULTS.md (CROSS_SECTION). With
     --reuse, a finished set erasure is kept."""
     concepts = SETS[2]
-    bench, work = Path(args.output) / "outputs" / "benchmark", Path(args.output) / "outputs" / "benchmark-cross"
+    # --quick models (a tenth of each budget) never share a folder with the full run's, so --reuse cannot mix them
+    bench = Path(args.output) / "outputs" / "benchmark"
+    work = Path(args.output) / "outputs" / ("benchmark-cross-quick" if args.quick else "benchmark-cross")
     work.mkdir(parents=True, exist_ok=True)
     start, models, reused = time.time(), {}, []
     for method in args.methods:  # the set models first: their settings decide which one-concept folders fit
@@ -618,7 +619,7 @@ def cross_scale(args):
         print(f"eval-{concept}: {metrics[concept]['evaluation_seconds']:.0f} s", flush=True)
 
     run_jobs([dict(name=c, run=functools.partial(evaluation, c)) for c in concepts], args.jobs)
-    body = cross_body(concepts, models, metrics, time.time() - start, reused, args.quick)
+    body = cross_body(concepts, models, metrics, time.time() - start, reused, args)
     results = Path(args.output) / ("RESULTS_quick.md" if args.quick else "RESULTS.md")
     write_section(results, body, CROSS_SECTION)
     print(f"wrote the cross section of {results}")
@@ -728,7 +729,13 @@ def closed_form_scale(args):
     for method, n in CLOSED_FORM_RUNS:
         if not any((r["method"], r["concepts"]) == (method, n) for r in done):
             lines.append(f"| {LABELS[method]} | {n} | not measured yet (`--reuse` runs what is missing) | – | – | – | – | – |")
-    lines += ["", "Commands (as run; the concept files are written by benchmark.py):", ""]
+    lines += ["", "Commands (as run; the concept files are written by benchmark_scales.py):", ""]
     lines += [f"- `{r['command']}`" for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99))]
     write_section(Path(args.output) / "RESULTS.md", "\n".join(lines + [""]), CLOSED_FORM_SECTION)
     print(f"wrote the closed-form section of {Path(args.output) / 'RESULTS.md'} ({journal})")
+
+
+if __name__ == "__main__":  # the command line is benchmark.py's: `python benchmark.py --scale ...`
+    import benchmark
+
+    benchmark.main()

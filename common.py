@@ -497,10 +497,11 @@ def concept_entry(entry, path: str) -> dict:
         die(f"{path}: give at least two templates (the methods' samples.png fills the second), or "
             f"leave 'templates' out to take the kind's.")
     if "," in entry["name"]:  # a file has no --concept to repeat: say how the file itself is written
-        names = [c.strip() for c in entry["name"].split(",") if c.strip()]
-        die(f"{path}: the name '{entry['name']}' has a comma; a concept's name is one concept" +
-            (f": to erase {' and '.join(repr(n) for n in names[:3])} together, give each its own entry in a JSON list "
-             f"(docs/concepts.md)" if len(names) > 1 else "") + ", or write the name without the comma.")
+        names = [repr(c.strip()) for c in entry["name"].split(",") if c.strip()]
+        both = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else ""
+        die(f"{path}: the name '{entry['name']}' has a comma; write it without the comma" +
+            (f", or, to erase {both} together, give each its own entry in a JSON list (docs/concepts.md)" if both
+             else "") + ".")
     check_concept(entry["name"])
     kind = entry["kind"]
     return dict(name=entry["name"].strip().lower(), kind=kind, words=list(entry["words"]),

@@ -9,6 +9,7 @@ import statistics
 
 import benchmark
 import benchmark_scales
+from conftest import refused
 
 
 def cells_of(text: str, name: str) -> list[str]:
@@ -214,12 +215,22 @@ def test_cross_table_from_metrics_names_only_differences_outside_the_intervals(t
                 erased = key in ("set", concept) or (m == "esd" and key == "red")  # ESD's red erases circle too
                 rows.append(row(folder, 0 if erased else 22))
         metrics[concept] = dict(rows=rows)
-    body = benchmark_scales.cross_body(["circle", "red"], models, metrics, 120.0, [], quick=False)
+    body = benchmark_scales.cross_body(["circle", "red"], models, metrics, 120.0, [],
+                                       benchmark.Args(scale="cross", methods=["esd", "uce"]))
     assert "| original model | 100.0 [86.2, 100.0] | 100.0 [92.6, 100.0] | 100.0 [86.2, 100.0] |" in body
     assert "| ESD: red alone | 0.0 [0.0, 13.8] | 0.0 [0.0, 7.4] | 0.0 [0.0, 13.8] |" in body
     assert "- ESD: erasing red alone moves circle from 100.0 [86.2, 100.0] % to 0.0 [0.0, 13.8] %." in body
     assert "- UCE: no difference outside the intervals." in body
-    assert "--compare MODELS --attack none --far_seeds 1`" in body
+    assert "--compare MODELS --attack none --far_seeds 1`" in body and "ESD `--train_method noxattn`" in body
+    assert "`python benchmark.py --scale cross --methods esd uce`" in body
+
+
+def test_scale_runs_refuse_the_flags_they_ignore(capsys):
+    """--scale sets / cross erase their own concepts with one seed: --concepts, --erasure_seeds, --table_only are
+    refused in one sentence before anything runs."""
+    for flags in (["--concepts", "square"], ["--erasure_seeds", "3"], ["--table_only"]):
+        message = refused(capsys, lambda: benchmark.main(["--scale", "cross", *flags]))
+        assert f"leave {flags[0]} out" in message
 
 
 def test_cross_reuses_a_one_concept_folder_only_with_the_same_settings(tmp_path):
