@@ -544,7 +544,9 @@ def cross_body(concepts: list[str], models: dict, metrics: dict, seconds: float,
              else "") + ". Every model is evaluated on each concept with `evaluate.py --model toy --concept C --compare "
              f"MODELS {' '.join(cross_eval(quick))}` (the other concept "
              "`--exclude`d from near and far): % of images the judge labels as the concept, for its own words and "
-             "its held-out words (lower = better erased). Brackets: 95 % Wilson interval. Read a row across: "
+             "its held-out words (lower = better erased). The prompts' filler words avoid the excluded concept, so "
+             "they (and the rates) differ from the toy benchmark's for the same one-concept models. Brackets: 95 % "
+             "Wilson interval. Read a row across: "
              "whether erasing one concept also erases (or protects) the other, and whether erasing the set erases "
              "each concept as much as erasing it alone." + (" --quick budgets: NOT a result." if quick else ""), "",
              "| model | " + " | ".join(f"{c} own-word % ↓ | {c} held-out % ↓" for c in concepts) + " |",
