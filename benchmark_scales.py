@@ -643,6 +643,13 @@ def max_rss_gib(time_output: str) -> float | None:
     return round(int(found.group(1)) / 2**20, 2) if found else None
 
 
+def cpu_seconds(time_output: str) -> float | None:
+    """The process's CPU seconds (user + system) that /usr/bin/time -v reports: unlike wall-clock seconds, not
+    stretched by other work on the machine."""
+    found = [re.search(rf"{kind} time \(seconds\): ([\d.]+)", time_output) for kind in ("User", "System")]
+    return round(sum(float(f.group(1)) for f in found), 1) if all(found) else None
+
+
 def closed_form_run(method: str, n: int, args, work: Path) -> dict:
     """One closed-form erasure of `n` made-up artists (a concept file holding them as a list, kind style) on the
     full-size model under /usr/bin/time -v; its journal row: the stacked system's rows, the edited matrices' shapes,
@@ -659,7 +666,7 @@ def closed_form_run(method: str, n: int, args, work: Path) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True)
     row = dict(method=method, concepts=n, command=shlex.join(["python", *cmd[3:]]).replace(str(HERE) + "/", ""),
                returncode=done.returncode, process_seconds=round(time.time() - start, 1),
-               max_rss_gib=max_rss_gib(done.stderr))
+               max_rss_gib=max_rss_gib(done.stderr), process_cpu_seconds=cpu_seconds(done.stderr))
     if done.returncode != 0:
         row["error"] = "killed (out of memory)" if done.returncode in (-9, 137) else \
             ([line for line in done.stderr.splitlines() if line.startswith("error")] or ["?"])[-1]
@@ -714,23 +721,25 @@ def closed_form_scale(args):
              "the text width) for a d_out x d_in weight; the solve's cost grows with the rows only through the Gram "
              "sums. Solve s: the method's closed-form phase (UCE: `training`; RealEra: `closed_form`, which includes "
              "drawing its perturbations); erasure s: config.json `seconds`; process s: the whole command, loading "
-             "and samples.png (1 DDIM step) included; peak: the process's VmHWM from `/usr/bin/time -v`. A CPU shared "
-             "with other work: seconds are indicative, memory is not load-dependent.", "",
+             "and samples.png (1 DDIM step) included; process CPU s: its user + system seconds (`/usr/bin/time -v`), "
+             "the one column that other work on the machine does not stretch; peak: the process's VmHWM from "
+             "`/usr/bin/time -v`. A CPU shared with other work: wall-clock seconds are indicative, memory is not "
+             "load-dependent.", "",
              "| method | concepts | rows (erased + preserved) | edited weights (shapes) | solve s | erasure s | "
-             "process s | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+             "process s | process CPU s | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     order = {key: i for i, key in enumerate(CLOSED_FORM_RUNS)}
     for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99)):
         if r["returncode"] != 0:
             lines.append(f"| {LABELS[r['method']]} | {r['concepts']} | {r['error']} | – | – | – | "
-                         f"{r['process_seconds']} | {r['max_rss_gib']} |")
+                         f"{r['process_seconds']} | {r.get('process_cpu_seconds') or '–'} | {r['max_rss_gib']} |")
             continue
         shapes = ", ".join("x".join(map(str, s)) for s in r["weight_shapes"])
         lines.append(f"| {LABELS[r['method']]} | {r['concepts']} | {r['erased_rows']} + {r['preserved_rows']} | "
                      f"{r['matrices']} ({shapes}) | {r['solve_seconds']} | {r['erasure_seconds']} | "
-                     f"{r['process_seconds']} | {r['max_rss_gib']} |")
+                     f"{r['process_seconds']} | {r.get('process_cpu_seconds') or '–'} | {r['max_rss_gib']} |")
     for method, n in CLOSED_FORM_RUNS:
         if not any((r["method"], r["concepts"]) == (method, n) for r in done):
-            lines.append(f"| {LABELS[method]} | {n} | not measured yet (`--reuse` runs what is missing) | – | – | – | – | – |")
+            lines.append(f"| {LABELS[method]} | {n} | not measured yet (`--reuse` runs what is missing) | – | – | – | – | – | – |")
     lines += ["", "Commands (as run; the concept files are written by benchmark_scales.py):", ""]
     lines += [f"- `{r['command']}`" for r in sorted(done, key=lambda r: order.get((r["method"], r["concepts"]), 99))]
     write_section(Path(args.output) / "RESULTS.md", "\n".join(lines + [""]), CLOSED_FORM_SECTION)

@@ -195,6 +195,8 @@ def test_closed_form_scale_names_and_peak_memory():
     assert len(set(names)) == 100 and not any("," in n for n in names) and benchmark_scales.artist_names(1) == names[:1]
     report = "\tCommand being timed: \"python uce.py\"\n\tMaximum resident set size (kbytes): 2097152\n"
     assert benchmark_scales.max_rss_gib(report) == 2.0 and benchmark_scales.max_rss_gib("nothing") is None
+    times = "\tUser time (seconds): 440.25\n\tSystem time (seconds): 48.56\n"
+    assert benchmark_scales.cpu_seconds(times) == 488.8 and benchmark_scales.cpu_seconds("nothing") is None
 
 
 def test_cross_table_from_metrics_names_only_differences_outside_the_intervals(tmp_path):
