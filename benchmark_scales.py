@@ -710,7 +710,7 @@ def closed_form_scale(args):
     if not done:
         common.die(f"{journal} holds no run yet; run without --table_only first.")
     lines = ["## Closed form at SD v1.4 size: 1 vs 100 concepts", "",
-             f"Measured {done[-1]['date']} on {done[-1]['machine']} with `python benchmark.py --scale closed_form "
+             f"Measured {done[-1]['date']} on {' / '.join(sorted({r['machine'] for r in done}))} with `python benchmark.py --scale closed_form "
              f"--model {args.model} --device {args.device}` (a full-size SD v1.4 with random weights and the real CLIP "
              "tokenizer, `python sdscale.py`; code " + ", ".join(sorted({r['code'] for r in done})) + "). The artists "
              "are made-up names (`anna albrecht`, ..., benchmark_scales.py FIRST_NAMES x FAMILY_NAMES; kind style, one word "
