@@ -215,6 +215,12 @@ def method_seeds(method: str, n: int) -> list[int | None]:
     return [None] if seed is None else [seed + i for i in range(n)]
 
 
+def erasure_flags(method: str, seed: int | None, quick: bool, *extra: str) -> list[str]:
+    """A benchmark erasure's flags: the method's QUICK budget (with --quick), `extra`, then --seed (none for a
+    method without randomness)."""
+    return [*(QUICK[method] if quick else []), *extra, *([] if seed is None else ["--seed", str(seed)])]
+
+
 def seed_folder(work: Path, method: str, concept: str, seed: int | None, variant: str = "") -> Path:
     """<work>/<method>[_<variant>]-<concept>-s<seed> (no -s<seed> for a method without randomness)."""
     name = method + (f"_{variant}" if variant else "") + f"-{concept.replace(' ', '_')}"
@@ -463,7 +469,7 @@ def benchmark_plan(args, concepts: list[str], work: Path) -> dict:
     plan = {}
     for concept in concepts:
         plan[concept] = [(m, m, seed, seed_folder(work, m, concept, seed),
-                          [*(QUICK[m] if args.quick else []), *([] if seed is None else ["--seed", str(seed)])])
+                          erasure_flags(m, seed, args.quick))
                          for m in args.methods for seed in method_seeds(m, n)]
     return plan
 
@@ -859,9 +865,8 @@ def claims_plan(args, work: Path, n: int, chosen: list[dict]) -> dict:
                 for seed in method_seeds(method, n):
                     runs.append((f"{method}_{variant}" if variant else method, method, seed,
                                  seed_folder(work, method, concept, seed, variant),
-                                 [*(QUICK[method] if args.quick else []), *flags,
-                                  *CLAIM_BUDGET_FLAGS.get((method, variant), lambda quick: [])(args.quick),
-                                  *([] if seed is None else ["--seed", str(seed)])]))
+                                 erasure_flags(method, seed, args.quick, *flags,
+                                               *CLAIM_BUDGET_FLAGS.get((method, variant), lambda quick: [])(args.quick))))
         plan[concept] = runs
     return plan
 

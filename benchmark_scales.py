@@ -37,7 +37,7 @@ from pathlib import Path
 
 import common
 import evaluate
-from benchmark import (HERE, LABELS, METHODS, QUICK, append_line, command_line, evaluate_folders, git_commit,
+from benchmark import (HERE, LABELS, METHODS, append_line, command_line, erasure_flags, evaluate_folders, git_commit,
                        machine, method_seeds, read_journal_lines, rows_by_folder, run_erasure, run_jobs, seed_folder,
                        write_section)
 
@@ -588,26 +588,24 @@ def cross_scale(args):
     work = Path(args.output) / "outputs" / ("benchmark-cross-quick" if args.quick else "benchmark-cross")
     work.mkdir(parents=True, exist_ok=True)
     start, models, reused = time.time(), {}, []
+    seeds = {method: method_seeds(method, 1)[0] for method in args.methods}
+    flags = {method: erasure_flags(method, seed, args.quick) for method, seed in seeds.items()}
     for method in args.methods:  # the set models first: their settings decide which one-concept folders fit
-        seed = method_seeds(method, 1)[0]
-        flags = [*(QUICK[method] if args.quick else []), *([] if seed is None else ["--seed", str(seed)])]
         folder = work / f"{method}-set"
         if not (args.reuse and (folder / "erased.safetensors").exists()):
-            erase_set(method, concepts, folder, extra=[*SET_FLAGS.get(method, []), *flags])
+            erase_set(method, concepts, folder, extra=[*SET_FLAGS.get(method, []), *flags[method]])
         models[method] = {"set": folder}
         print(f"{method}: {'+'.join(concepts)} erased ({(time.time() - start) / 60:.1f} min so far)", flush=True)
     jobs = []
     for method in args.methods:
-        seed = method_seeds(method, 1)[0]
-        flags = [*(QUICK[method] if args.quick else []), *([] if seed is None else ["--seed", str(seed)])]
         for concept in concepts:
-            folder = seed_folder(bench, method, concept, seed)
+            folder = seed_folder(bench, method, concept, seeds[method])
             if same_settings(folder, models[method]["set"]):
                 reused.append(str(folder))
             else:
                 folder = work / f"{method}-{concept}"
                 if not (args.reuse and same_settings(folder, models[method]["set"])):
-                    jobs.append(dict(name=str(folder), run=functools.partial(run_erasure, method, concept, folder, flags)))
+                    jobs.append(dict(name=str(folder), run=functools.partial(run_erasure, method, concept, folder, flags[method])))
             models[method][concept] = folder
     run_jobs(jobs, args.jobs)
     metrics = {}
