@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_COMMAND = "python -m pytest -q tests"
+TEST_COMMAND = "python -m pytest -q -n 2 tests"
 # Flags appended to a README command so that it finishes in seconds; the command itself is unchanged.
 TINY = {
     "toyworld.py": "--vae_steps 2 --judge_steps 2 --text_steps 2 --steps 2 --images 64 --eval_seeds 0 --output {tmp}",
