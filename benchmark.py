@@ -139,11 +139,14 @@ def figure(results_by_concept: dict, columns: int = 6):
     return canvas
 
 
-def machine(threads: int = 1) -> str:
+def machine(threads: int | None = None) -> str:
+    """The machine and versions a table was measured with. `threads`: the torch threads of its processes (default:
+    those of a miniature-model process, one unless OMP_NUM_THREADS is set, as common.load_pipeline decides)."""
     import diffusers
     import torch
     import transformers
 
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}, "
             f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"transformers {transformers.__version__}")
@@ -368,28 +371,37 @@ def erase_and_evaluate(plan: dict, work: Path, args, eval_extra: list[str], pref
     soon as its erasures are done); returns {concept: metrics.json}. --reuse: an erasure whose folder holds
     erased.safetensors is kept, and the evaluation of a concept whose erasures were all kept is resumed (a finished
     one re-read); one with a new erasure starts afresh (its journal holds the old weights' verdicts)."""
-    jobs, metrics = [], {}
+    return erase_and_evaluate_parts([(plan, eval_extra, prefix)], work, args)[0]
+
+
+def erase_and_evaluate_parts(parts: list[tuple[dict, list[str], str]], work: Path, args) -> list[dict]:
+    """erase_and_evaluate for several (plan, evaluate.py flags, evaluation prefix) parts in one pool of `args.jobs`
+    processes, so that one part's erasures run beside another's evaluation; returns each part's {concept:
+    metrics.json}. The parts' erasure folders must differ."""
+    jobs, results = [], [{} for _ in parts]
 
     def erase(method, concept, seed, folder, extra):
         took = run_erasure(method, concept, folder, extra)
         print(f"{folder.name}: {took['wall_seconds']:.0f} s, {took['cpu_seconds']:.0f} CPU s", flush=True)
 
-    def evaluation(concept, folders, resume):
+    def evaluation(metrics, concept, folders, resume, eval_extra, prefix):
         out = work / f"{prefix}-{concept.replace(' ', '_')}"
         metrics[concept] = evaluate_folders(concept, folders, out, eval_extra, resume)
         print(f"{out.name}: {metrics[concept]['evaluation_seconds']:.0f} s", flush=True)
 
-    for concept, runs in plan.items():
-        names = []
-        for _, method, seed, folder, extra in runs:
-            if args.reuse and (folder / "erased.safetensors").exists():
-                continue
-            names.append(str(folder))
-            jobs.append(dict(name=str(folder), run=functools.partial(erase, method, concept, seed, folder, extra)))
-        jobs.append(dict(name=f"{prefix}-{concept}", after=names, first=True,
-                         run=functools.partial(evaluation, concept, [r[3] for r in runs], args.reuse and not names)))
+    for (plan, eval_extra, prefix), metrics in zip(parts, results):
+        for concept, runs in plan.items():
+            names = []
+            for _, method, seed, folder, extra in runs:
+                if args.reuse and (folder / "erased.safetensors").exists():
+                    continue
+                names.append(str(folder))
+                jobs.append(dict(name=str(folder), run=functools.partial(erase, method, concept, seed, folder, extra)))
+            jobs.append(dict(name=f"{prefix}-{concept}", after=names, first=True,
+                             run=functools.partial(evaluation, metrics, concept, [r[3] for r in runs],
+                                                   args.reuse and not names, eval_extra, prefix)))
     run_jobs(jobs, args.jobs)
-    return metrics
+    return results
 
 
 def rows_by_folder(metrics: dict) -> dict:
@@ -890,12 +902,11 @@ def claims(args):
     attacked = {c["method"] for c in chosen if set(c["keys"]) & ATTACK_KEYS}
     quick = QUICK_EVAL if args.quick else []
     summaries = {c: {} for c in plan}
-    for methods, flags, prefix in [(attacked, [*ATTACK, *quick], "eval-claims-attack"),
-                                   ({c["method"] for c in chosen} - attacked, ["--attack", "none", *quick], "eval-claims-plain")]:
-        part = {c: [r for r in runs if r[1] in methods] for c, runs in plan.items()}
-        if not methods:
-            continue
-        metrics = erase_and_evaluate(part, work, args, flags, prefix=prefix)
+    parts = [({c: [r for r in runs if r[1] in methods] for c, runs in plan.items()}, flags, prefix)
+             for methods, flags, prefix in [(attacked, [*ATTACK, *quick], "eval-claims-attack"),
+                                            ({c["method"] for c in chosen} - attacked, ["--attack", "none", *quick],
+                                             "eval-claims-plain")] if methods]
+    for (part, _, _), metrics in zip(parts, erase_and_evaluate_parts(parts, work, args)):  # one pool: no idle core
         for c, rows in seed_summaries(part, metrics).items():
             summaries[c].update(rows)
     names = dict(evaluate.COLUMNS)
