@@ -146,7 +146,8 @@ def machine(threads: int | None = None) -> str:
     import torch
     import transformers
 
-    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    if threads is None:  # set: its processes run torch's own reading of it, which this process shares
+        threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else 1
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {threads}, "
             f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"transformers {transformers.__version__}")
@@ -973,6 +974,17 @@ def main(argv=None):
     if args.claims:
         if not args.claim_concepts:
             common.die("--claim_concepts needs at least one concept.")
+        ignored = [flag for flag, given in [("--concepts", args.concepts != Args().concepts),
+                                            ("--table_only", args.table_only)] if given]
+        if ignored:
+            common.die(f"--claims runs on --claim_concepts (default: {' '.join(Args().claim_concepts)}) and has no "
+                       f"table-only mode; leave {' and '.join(ignored)} out.")
+        if len(set(args.claim_concepts)) < len(args.claim_concepts):
+            common.die(f"--claim_concepts {' '.join(args.claim_concepts)} names a concept twice; give each once.")
+        development = set(args.claim_concepts) & set(DEV_CONCEPTS)
+        if development:
+            common.die(f"--claim_concepts {', '.join(sorted(development))} is a budget-development concept (never reported); "
+                       "choose claims concepts among the others.")
         return claims(args)
     return toy_benchmark(args)
 

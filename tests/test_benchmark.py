@@ -233,6 +233,12 @@ def test_scale_runs_refuse_the_flags_they_ignore(capsys):
     for flags in (["--concepts", "square"], ["--erasure_seeds", "3"], ["--table_only"]):
         message = refused(capsys, lambda: benchmark.main(["--scale", "cross", *flags]))
         assert f"leave {flags[0]} out" in message
+    # --claims runs on --claim_concepts: --concepts / --table_only would be ignored, a concept twice would give
+    # duplicate rows, and a budget-development concept is never reported
+    for flags, words in ((["--concepts", "red"], "leave --concepts out"), (["--table_only"], "leave --table_only out"),
+                         (["--claim_concepts", "circle", "circle"], "names a concept twice"),
+                         (["--claim_concepts", "triangle", "red"], "budget-development concept")):
+        assert words in refused(capsys, lambda: benchmark.main(["--claims", *flags]))
 
 
 def test_cross_reuses_a_one_concept_folder_only_with_the_same_settings(tmp_path):

@@ -147,3 +147,44 @@ def test_doco_mse_ablation_gets_as_many_unet_updates():
     plan = benchmark.claims_plan(args, benchmark.Path("w"), 1, benchmark.CLAIMS)
     mse = next(r for r in plan["circle"] if r[0] == "domain_correction_mse")
     assert mse[4][-4:] == ["--iterations", "30", "--seed", "42"] and "--unlearn_loss" in mse[4]
+
+
+def test_parts_share_one_pool_and_keep_their_own_metrics(tmp_path, monkeypatch):
+    """erase_and_evaluate_parts: with 2 jobs, the second part's erasure runs while the first part's evaluation does
+    (one pool, no idle core), and each part gets back the metrics of its own evaluation (prefix and flags)."""
+    import threading
+    import time as clock
+    from types import SimpleNamespace
+
+    events, lock = [], threading.Lock()
+
+    def log(*event):
+        with lock:
+            events.append(event)
+
+    def fake_erasure(method, concept, folder, extra):
+        log("erase start", folder.name)
+        clock.sleep(0.2)
+        log("erase end", folder.name)
+        return {"wall_seconds": 0.2, "cpu_seconds": 0.2}
+
+    def fake_evaluation(concept, folders, out, extra, resume):
+        log("eval start", out.name)
+        clock.sleep(0.5)
+        log("eval end", out.name)
+        return {"evaluation_seconds": 0.5, "out": out.name, "extra": extra, "folders": [f.name for f in folders]}
+
+    monkeypatch.setattr(benchmark, "run_erasure", fake_erasure)
+    monkeypatch.setattr(benchmark, "evaluate_folders", fake_evaluation)
+    first = {"circle": [("a", "a", 0, tmp_path / "a-circle", [])]}
+    second = {"circle": [("b", "b", 0, tmp_path / "b-circle", [])]}
+    args = SimpleNamespace(reuse=False, jobs=2)
+    one, two = benchmark.erase_and_evaluate_parts([(first, ["--attack", "both"], "eval-x"),
+                                                   (second, ["--attack", "none"], "eval-y")], tmp_path, args)
+    assert one["circle"]["out"] == "eval-x-circle" and one["circle"]["extra"] == ["--attack", "both"]
+    assert two["circle"]["out"] == "eval-y-circle" and two["circle"]["folders"] == ["b-circle"]
+    order = [e[0] + " " + e[1] for e in events]
+    # each evaluation after its own erasure; the two parts overlap in time
+    assert order.index("eval start eval-x-circle") > order.index("erase end a-circle")
+    assert order.index("eval start eval-y-circle") > order.index("erase end b-circle")
+    assert order.index("erase start b-circle") < order.index("eval end eval-x-circle")
