@@ -1,6 +1,6 @@
 """benchmark.py: every method and baseline, three miniature-world concepts, erasure seeds and intervals (RESULTS.md).
 
-    python benchmark.py            # circle, red, square; 3 erasure seeds per method: ~1 h on 2 CPU cores (--jobs 2)
+    python benchmark.py            # circle, red, square; 3 erasure seeds per method: ~75 min on 2 idle CPU cores
     python benchmark.py --quick    # circle only, one seed, small budgets: a few minutes
     python benchmark.py --select_budgets   # each method's toy budget by one rule on triangle and blue (docs/budgets.md)
     python benchmark.py --claims --reuse   # each paper's headline claim as an ablation (RESULTS.md's claims section)
@@ -22,12 +22,12 @@ over the images of every seed] and the method pairs that differ by the rule. Eve
 seeds across methods (first erasure seed). A rerun with the same seeds reproduces the tables (erasure seconds and
 memory aside; docs/evaluation.md, "Determinism").
 
-Cost of the full run, from measured seconds (2026-12-01, this repository's 2-core machine, one torch thread, the
-other core busy; single-seed run of circle and red): the six erasures of a concept take 244-266 s of process time,
-and evaluating circle's 7 models with both attacks took 522 s (images ~30 s per model, attacks ~52 s per erased
-model). With 3 seeds a concept has 16 erasures (~720-790 s) and 17 models to evaluate (~1340 s): ~35 min per concept,
-~105 min for three on one core (the single-seed run of 2026-12-01 took 37 min, one process at a time), so about
-55-65 min with --jobs 2 (a concept's evaluation, ~22 min, is one process: the last one partly runs alone).
+Cost of the full run (2026-12-01, this repository's 2-core machine, one torch thread per process, --jobs 2): on
+the idle machine, 37 min in, 32 of the 48 erasures (2026 CPU s together, ~63 s each) and circle's evaluation of 17
+models with both attacks (1676 s, one process) were done; the three evaluations (~28 min each, one process each)
+set the pace, so the whole run takes about 75 min (the idle run was cut there by the session's end; the earlier
+full run took 125 min with the cores shared with two other runs). A concept's 16 erasures take ~17 min of process
+time.
 --claims: per concept ~21 ablation erasures (~17 min), one evaluation without attacks of the 27 models whose claims
 need none (~14 min) and one with both attacks of S-GRACE's 6 (~9 min); with --reuse after the benchmark (its
 default-setting folders are shared) and --jobs 2, circle and red (the default) take about 45 min (estimated from
