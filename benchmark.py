@@ -25,7 +25,7 @@ memory aside; docs/evaluation.md, "Determinism").
 Cost of the full run (2026-12-01, this repository's 2-core machine, one torch thread per process, --jobs 2): on
 the idle machine, 37 min in, 32 of the 48 erasures (2026 CPU s together, ~63 s each) and circle's evaluation of 17
 models with both attacks (1676 s, one process) were done; the three evaluations (~28 min each, one process each)
-set the pace, so the whole run takes about 75 min (the idle run was cut there by the session's end; the earlier
+set the pace, so the whole run takes about 75 min (the idle run was stopped there to leave the session time for its tests; the earlier
 full run took 125 min with the cores shared with two other runs). A concept's 16 erasures take ~17 min of process
 time.
 --claims: per concept ~21 ablation erasures (~17 min), one evaluation without attacks of the 27 models whose claims
