@@ -26,7 +26,6 @@ The command line, the processes, journals and statistics are benchmark.py's (imp
 """
 import functools
 import json
-import os
 import re
 import shlex
 import shutil
@@ -685,6 +684,8 @@ def closed_form_scale(args):
     """--scale closed_form: CLOSED_FORM_RUNS on --model (a full-size SD v1.4, random weights), one process each, one
     at a time; each finished run appended to outputs/benchmark-closed-form/runs.jsonl (--reuse skips those there),
     then the closed-form section of RESULTS.md (CLOSED_FORM_SECTION) rewritten from the journal."""
+    import torch
+
     if not args.table_only and not (Path(args.model) / "model_index.json").exists():
         common.die(f"{args.model} is not a pipeline folder; build one with: python sdscale.py --output {args.model}")
     if not args.table_only and not Path("/usr/bin/time").exists():
@@ -699,8 +700,7 @@ def closed_form_scale(args):
         if any((r["method"], r["concepts"]) == (method, n) and r["returncode"] == 0 for r in done):
             continue
         row = closed_form_run(method, n, args, work)
-        row.update(code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=machine(int(os.environ.get(
-            "OMP_NUM_THREADS", os.cpu_count() or 1))))
+        row.update(code=git_commit(), date=time.strftime("%Y-%m-%d"), machine=machine(torch.get_num_threads()))
         append_line(journal, row)
         done = [r for r in done if (r["method"], r["concepts"]) != (method, n)] + [row]
         print(f"{method} x {n}: {row.get('solve_seconds', row.get('error'))} s solve, {row['max_rss_gib']} GiB peak",
